@@ -89,7 +89,8 @@ def _hf_to_lavis_eva(hf_sd: dict, prefix: str = "") -> dict:
         k = key[len("vision_model."):]
         k = (k.replace("embeddings.class_embedding", "cls_token").replace("embeddings.position_embedding", "pos_embed")
              .replace("embeddings.patch_embedding", "patch_embed.proj").replace("encoder.layers.", "blocks.")
-             .replace("layer_norm1", "norm1").replace("layer_norm2", "norm2").replace("self_attn.projection", "attn.proj")
+             .replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
+             .replace("self_attn.projection", "attn.proj")
              .replace("self_attn.qkv", "attn.qkv"))
         if k.endswith("attn.qkv.bias"):
             q, _, vb = v.chunk(3)
@@ -208,8 +209,9 @@ def test_renamed_key_fails_naming_it(hf):
 
 def test_deleted_key_fails_naming_it(hf):
     sd = dict(hf["sd"])
-    del sd["qformer.encoder.layer.2.crossattention.output.LayerNorm.bias"]
-    with pytest.raises(WeightImportError, match=re.escape("qformer.encoder.layer.2.crossattention.output.LayerNorm.bias")):
+    key = "qformer.encoder.layer.2.crossattention.output.LayerNorm.bias"
+    del sd[key]
+    with pytest.raises(WeightImportError, match=re.escape(key)):
         convert_blip2_hf(sd, vision_cfg(), qformer_cfg())
     blip2 = _hf_to_lavis_blip2(hf["sd"])
     del blip2["ln_vision.weight"]
@@ -243,7 +245,8 @@ def test_interpolate_pos_embed_bicubic():
     assert out.shape == (1, 1 + 16, width)
     assert torch.equal(out[:, 0], pos[:, 0])
     grid = pos[:, 1:].reshape(1, 2, 2, width).permute(0, 3, 1, 2)
-    ref = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, width)
+    ref = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)  # [1, W, 4, 4]
+    ref = ref.permute(0, 2, 3, 1).reshape(1, 16, width)
     assert torch.allclose(out[:, 1:], ref, atol=1e-6)
     assert interpolate_pos_embed(pos.half(), 4).dtype == torch.float16
 

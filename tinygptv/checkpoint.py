@@ -90,7 +90,7 @@ def save(model: TinyGPTV, folder: str | Path, tokenizer: Tokenizer | None = None
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "tinygptv", "name": model.cfg.name})
         tok = tokenizer or model.tokenizer
         if tok is not None:
-            tok.save(tmp / "tokenizer.json")
+            tok.save(tmp)
         (template or model.template).to_yaml(tmp / TEMPLATE_FILE)
         _replace_dir(tmp, folder)
     finally:

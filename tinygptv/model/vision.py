@@ -169,7 +169,7 @@ class LayerNormFp32(nn.LayerNorm):
 
 
 class VisionEncoder(nn.Module):
-    """``vit`` (EVA ViT-g) then ``ln_vision``: images ``[B, 3, S, S]`` → tokens ``[B, 1 + g², W]`` (reference §1.1)."""
+    """``vit`` (EVA ViT-g) then ``ln_vision``: ``[B, 3, S, S]`` → ``[B, 1 + g², W]`` (reference §1.1)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()

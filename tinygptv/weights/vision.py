@@ -198,7 +198,8 @@ def _take_qformer(src: _Source, cfg: QFormerConfig, *, layer_prefix: str, attn_i
     return out
 
 
-def convert_eva_vit_lavis(sd: Tensors, cfg: VisionConfig, name: str = "LAVIS eva_vit_g") -> tuple[Tensors, ImportReport]:
+def convert_eva_vit_lavis(sd: Tensors, cfg: VisionConfig,
+                          name: str = "LAVIS eva_vit_g") -> tuple[Tensors, ImportReport]:
     """LAVIS ``eva_vit_g.pth`` → tensors for :class:`~tinygptv.model.vision.EVAViT` (same keys).
 
     Blocks with index ``>= cfg.depth`` and a final ``norm``/``fc_norm``/``head`` go to ``report.ignored``;
