@@ -111,28 +111,33 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load(path_or_preset: str | Path | ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          tokenizer: str | Path | Tokenizer | None = None, seed: int = 0) -> TinyGPTV:
     """Load a checkpoint folder, or build a named preset (``tiny``, ``small``, ``tinygptv-phi2``…) with random weights.
 
     Args:
-        path_or_preset: a folder written by :func:`save` / ``tinygptv import``, a ``config.yaml``, or a preset name.
+        path_or_preset: a folder written by :func:`save` / ``tinygptv import``, a ``config.yaml``, a preset name,
+            or a :class:`ModelConfig` (random weights).
         dtype: cast floating weights (default: as stored; fp32 for random presets).
         tokenizer: a tokenizer folder / object overriding the checkpoint's; random presets without one get the
             byte-level tokenizer when their vocabulary is large enough.
     Returns:
         the model in eval mode, with ``tokenizer`` and ``template`` attached.
     """
-    path = Path(path_or_preset)
-    if path.is_dir():
-        model = _load_folder(path, device, dtype)
-    elif path.suffix in (".yaml", ".yml") and path.is_file():
-        model = init_random(build_empty(ModelConfig.from_yaml(path)), seed, device, dtype or torch.float32)
+    if isinstance(path_or_preset, ModelConfig):
+        cfg = path_or_preset
+    elif Path(path_or_preset).is_dir():
+        cfg = None
+        model = _load_folder(Path(path_or_preset), device, dtype)
+    elif Path(path_or_preset).suffix in (".yaml", ".yml") and Path(path_or_preset).is_file():
+        cfg = ModelConfig.from_yaml(path_or_preset)
     elif str(path_or_preset) in PRESETS:
-        model = init_random(build_empty(preset(str(path_or_preset))), seed, device, dtype or torch.float32)
+        cfg = preset(str(path_or_preset))
     else:
         raise FileNotFoundError(f"{path_or_preset!r} is neither a checkpoint folder, a config.yaml, nor a preset "
                                 f"({sorted(PRESETS)})")
+    if cfg is not None:
+        model = init_random(build_empty(cfg), seed, device, dtype or torch.float32)
     if isinstance(tokenizer, Tokenizer):
         model.tokenizer = tokenizer
     elif tokenizer is not None:

@@ -276,13 +276,14 @@ def _tiny() -> ModelConfig:
 
 
 def _small() -> ModelConfig:
-    """A few-MB model with the real tokenizer's vocabulary size: demos and smoke runs on a laptop."""
+    """A few-MB model (byte-level vocabulary) for demos and smoke runs on a laptop."""
     return ModelConfig(
         name="small",
         vision=VisionConfig(image_size=224, patch_size=14, width=128, depth=4, heads=4, mlp_dim=512),
         qformer=QFormerConfig(hidden=128, layers=2, heads=4, mlp_dim=512, num_queries=32),
         projector=ProjectorConfig(hidden=256),
-        lm=LMConfig(vocab_size=51200, hidden=256, layers=4, heads=8, mlp_dim=1024, partial_rotary_factor=0.5),
+        lm=LMConfig(vocab_size=512, hidden=256, layers=4, heads=8, mlp_dim=1024, partial_rotary_factor=0.5,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0),
         lora=LoRAConfig(r=8, alpha=16.0),
     )
 
