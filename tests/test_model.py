@@ -37,7 +37,12 @@ def test_left_padding_equals_unpadded(tiny_model):
 
 def test_generate_greedy_matches_argmax_chain(tiny_model, red_image):
     model = tiny_model
-    ids = list(model.generate_ids(red_image, "colour?", max_new_tokens=6))
+    from tinygptv.infer.engine import Engine, GenerationConfig
+
+    engine = Engine(model)
+    result = engine.generate([engine.chat_request("colour?", [red_image])], GenerationConfig(max_new_tokens=6))[0]
+    ids = result.token_ids
+    assert len(ids) == 6 and result.finish_reason == "length"
     prompt = model.format_prompt("colour?", True)
     # recompute greedily without the cache: one full forward per step over prompt + tokens so far
     batch = model.prepare([single_turn(prompt, "", "")], [model.pixel_values([red_image])])

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from tinygptv.config import ModelConfig
 from tinygptv.image import ImageInput, preprocess
-from tinygptv.model.phi import KVCache, PhiLM
+from tinygptv.model.phi import PhiLM
 from tinygptv.model.projector import Projector
 from tinygptv.model.qformer import QFormer
 from tinygptv.model.sequence import Batch, Example, build_batch, causal_lm_loss, single_turn, token_logprobs
@@ -116,45 +114,19 @@ class TinyGPTV(nn.Module):
         """A user question in the checkpoint's template, e.g. ``[INST] <Img><ImageHere></Img> q  [/INST]``."""
         return self.template.user_turn(question, with_image)
 
-    @torch.no_grad()
     def generate(self, image: ImageInput | list[ImageInput] | None, prompt: str, max_new_tokens: int = 64,
-                 chat: bool = True) -> str:
-        """Greedy answer to ``prompt``; with ``chat=True`` the prompt is wrapped in the checkpoint's template."""
-        ids = list(self.generate_ids(image, prompt, max_new_tokens, chat))
-        text = self.tokenizer.decode(ids)
-        for stop in self.template.stop_strings:
-            text = text.split(stop)[0]
-        return text.strip()
+                 chat: bool = True, **sampling) -> str:
+        """Answer ``prompt`` (greedy unless sampling settings are given, see
+        :class:`tinygptv.infer.generate.GenerationConfig`). With ``chat=True`` the prompt is wrapped in the
+        checkpoint's template; with ``chat=False`` it is used verbatim (one ``<ImageHere>`` per image)."""
+        from tinygptv.infer.engine import Engine, GenerationConfig, Request
 
-    @torch.no_grad()
-    def generate_ids(self, image: ImageInput | list[ImageInput] | None, prompt: str, max_new_tokens: int = 64,
-                     chat: bool = True) -> Iterator[int]:
-        """Yield greedy token ids one by one (prefill, then KV-cached decode); stops at EOS or a stop string."""
         self._need_tokenizer()
+        engine = Engine(self)  # a fresh image cache: weights may have changed since the last call
         images = _as_list(image)
-        if chat:
-            prompt = self.format_prompt(prompt, bool(images))
-        pixels = [self.pixel_values(images)] if images else [None]
-        batch = self.prepare([Example(prompt, [])], pixels)
-        embeds, mask = batch.inputs_embeds, batch.attention_mask
-        max_pos = self.cfg.lm.max_position_embeddings
-        if embeds.shape[1] >= max_pos:
-            raise ValueError(f"prompt is {embeds.shape[1]} tokens long; the model supports {max_pos} positions")
-        max_new_tokens = min(max_new_tokens, max_pos - embeds.shape[1])
-        cache = KVCache(1, embeds.shape[1] + max_new_tokens, self.cfg.lm, self.dtype, self.device)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))
-        stops = self.template.stop_strings
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt == self.cfg.lm.eos_token_id:
-                return
-            out.append(nxt)
-            yield nxt
-            if stops and any(s in self.tokenizer.decode(out[-8:]) for s in stops):
-                return
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            logits = self.lm(input_ids=torch.tensor([[nxt]], device=self.device), attention_mask=mask, cache=cache)
+        request = engine.chat_request(prompt, images) if chat else Request(prompt, images)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, **sampling)
+        return engine.generate([request], cfg)[0].text
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:

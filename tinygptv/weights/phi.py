@@ -293,7 +293,12 @@ def convert_phi(sd: Tensors, cfg: LMConfig, name: str = "phi checkpoint") -> tup
     report.missing.extend(conv.missing)
     report.shape_errors.extend(conv.shape_errors)
     if not report.ok:
-        raise WeightImportError("\n".join([report.summary(), *hints]))
+        lines = [f"{km.name}: cannot convert"]
+        for label, keys in (("missing", report.missing), ("unexpected", report.unexpected),
+                            ("shape mismatch", report.shape_errors)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" …" if len(keys) > 20 else ""))
+        raise WeightImportError("\n".join([*lines, *hints]))
     log.info("%s: %d tensors converted (%s layout, %d heads × %d), %d source keys ignored",
              name, len(conv.out), layout, H, C // H, len(report.ignored))
     return conv.out, report
@@ -422,7 +427,7 @@ def hf_phi_config(cfg: LMConfig, layout: Literal["split", "fused"] = "split",
         "use_cache": True,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
+        "pad_token_id": None,  # as published for Phi-2; HF would make it the Embedding padding_idx (frozen row)
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if layout == "split":

@@ -129,7 +129,7 @@ def convert_stage_checkpoint(sd: Tensors, lora_r_expected: int, *, num_layers: i
     lora_r, lora_problems = _check_lora(lora, lora_r_expected, prefixes, num_layers, lora_targets, layers_seen)
     problems.extend(lora_problems)
     if problems:
-        raise WeightImportError(f"{name}: " + "\n".join(problems))
+        raise WeightImportError(f"{name}: cannot import\n" + "\n".join(f"  - {p}" for p in problems))
     info: dict[str, Any] = {
         "lora_r": lora_r,
         "lora_targets": sorted({t for _, t in lora}),

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from tinygptv.infer import engine as engine_mod
+from tinygptv.infer.engine import Engine, Request, cut_at_stop, safe_prefix_len
+from tinygptv.infer.generate import GenerationConfig, StepEvent
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return Engine(tiny_model)
+
+
+def test_batched_equals_single(engine, red_image, blue_image):
+    reqs = [engine.chat_request("what colour is it?", [red_image]),
+            engine.chat_request("hi", [blue_image]),
+            Request("a text-only prompt that is quite a bit longer than the others", []),
+            Request("<ImageHere> and <ImageHere>", [red_image, blue_image])]
+    cfg = GenerationConfig(max_new_tokens=8)
+    batched = engine.generate(reqs, cfg)
+    for req, res in zip(reqs, batched):
+        alone = engine.generate([req], cfg)[0]
+        assert alone.token_ids == res.token_ids
+        assert alone.text == res.text
+
+
+def test_streamed_equals_generated(engine, red_image):
+    req = engine.chat_request("describe", [red_image])
+    cfg = GenerationConfig(max_new_tokens=12)
+    assert "".join(engine.stream(req, cfg)) == engine.generate([req], cfg)[0].text
+
+
+def test_image_cache_skips_vision(engine, red_image, monkeypatch):
+    calls = []
+    original = engine.model.encode_images
+    monkeypatch.setattr(engine.model, "encode_images", lambda px: calls.append(px.shape[0]) or original(px))
+    a = engine.generate([engine.chat_request("q1", [red_image])], GenerationConfig(max_new_tokens=3))
+    b = engine.generate([engine.chat_request("q1", [red_image.copy()])], GenerationConfig(max_new_tokens=3))
+    assert calls == [1] and engine.cache.hits == 1
+    assert a[0].token_ids == b[0].token_ids
+
+
+def test_sampling_seed_and_degenerate_cases(engine, red_image):
+    req = [engine.chat_request("q", [red_image])]
+    greedy = engine.generate(req, GenerationConfig(max_new_tokens=6))[0].token_ids
+    s1 = engine.generate(req, GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3))[0].token_ids
+    s2 = engine.generate(req, GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3))[0].token_ids
+    assert s1 == s2
+    assert engine.generate(req, GenerationConfig(max_new_tokens=6, temperature=0.7, top_k=1, seed=1))[0].token_ids == greedy
+    assert engine.generate(req, GenerationConfig(max_new_tokens=6, temperature=0.7, top_p=1e-6, seed=1))[0].token_ids == greedy
+
+
+def test_beam_search_scores_at_least_greedy(engine, red_image):
+    req = engine.chat_request("q", [red_image])
+    emb = engine.prompt_embeddings(req)
+
+    cfg = GenerationConfig(max_new_tokens=4, length_penalty=0.0)
+    greedy = engine.generate([req], cfg)[0].token_ids
+    beam = engine.generate([req], GenerationConfig(max_new_tokens=4, num_beams=4, length_penalty=0.0))[0].token_ids
+
+    def score(ids):
+        embeds, mask = emb
+        seq = torch.cat([embeds, engine.model.lm.embed_tokens(torch.tensor(ids))])[None]
+        with torch.no_grad():
+            lp = torch.log_softmax(engine.model.lm(inputs_embeds=seq), -1)[0]
+        n = embeds.shape[0]
+        return sum(float(lp[n - 1 + i, t]) for i, t in enumerate(ids))
+
+    assert len(beam) == len(greedy) == 4  # no EOS/stop within 4 tokens for this seed
+    assert score(beam) >= score(greedy) - 1e-4
+
+
+def test_stop_strings_never_leak(engine, monkeypatch):
+    tok = engine.tokenizer
+    script = tok.encode("ans#wer ##x###tail")
+
+    def fake_generate(lm, prompts, cfg, eos_id, decode):
+        out = []
+        for i, t in enumerate(script):
+            out.append(t)
+            stopped = any(s in decode(out) for s in cfg.stop)
+            yield StepEvent(0, t, stopped, "stop" if stopped else None)
+            if stopped:
+                return
+
+    monkeypatch.setattr(engine_mod, "generate_tokens", fake_generate)
+    chunks = list(engine.stream(Request("p", []), GenerationConfig(max_new_tokens=50)))
+    assert "".join(chunks) == "ans#wer ##x"
+    assert all("###" not in c for c in chunks)
+    assert engine.generate([Request("p", [])])[0].text == "ans#wer ##x"
+
+
+def test_stop_helpers():
+    assert cut_at_stop("abc###def", ("###",)) == ("abc", True)
+    assert cut_at_stop("abc", ("###",)) == ("abc", False)
+    assert safe_prefix_len("abc##", ("###",)) == 3
+    assert safe_prefix_len("abc#x", ("###",)) == 5
+    assert safe_prefix_len("ab\ufffd", ()) == 2
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError):
+        GenerationConfig(top_p=0)
+    with pytest.raises(ValueError):
+        GenerationConfig(max_new_tokens=0)

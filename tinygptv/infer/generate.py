@@ -1,0 +1,203 @@
+"""The one generation core: batched prefill, then KV-cached decode, yielding tokens as they come.
+
+Every surface (``model.generate``, the engine, CLI, HTTP API) consumes :func:`generate_tokens`.
+
+- Inputs are per-request embedding sequences of different lengths, **left-padded** into one batch; positions
+  come from the attention mask (``cumsum - 1``), so each row sees exactly what it would see alone.
+- Greedy by default (reproducible); sampling with temperature / top-k / top-p / repetition penalty and a
+  per-call seed; beam search for a single request.
+- Stops per row at EOS, at a stop string, or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from tinygptv.model.phi import KVCache, PhiLM
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("invalid sampling settings: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
+                             "repetition_penalty > 0")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class StepEvent:
+    """Token ``token`` was produced for batch row ``row``; ``finished`` marks the row's last event."""
+
+    row: int
+    token: int | None
+    finished: bool = False
+    reason: str | None = None  # "eos" | "length" | "stop"
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already present in each row (``logits [B,V]``)."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for b, ids in enumerate(history):
+        if ids:
+            idx = torch.tensor(sorted(set(ids)), device=logits.device)
+            vals = logits[b, idx]
+            logits[b, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def choose_next(logits: torch.Tensor, cfg: GenerationConfig, history: list[list[int]],
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from ``logits [B,V]`` (fp32): greedy, or sampled with top-k / top-p."""
+    logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+Prompt = tuple[torch.Tensor, torch.Tensor]  # embeddings [L, C], attention mask [L]
+
+
+def left_pad(seqs: list[Prompt], pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([L_i, C], [L_i])`` prompts → ``([B, L, C], mask [B, L])`` with padding on the left."""
+    L = max(s.shape[0] for s, _ in seqs)
+    out = pad.expand(len(seqs), L, -1).clone()
+    mask = torch.zeros(len(seqs), L, dtype=torch.long, device=pad.device)
+    for b, (s, m) in enumerate(seqs):
+        out[b, L - s.shape[0]:] = s
+        mask[b, L - s.shape[0]:] = m
+    return out, mask
+
+
+@dataclass
+class StopMatcher:
+    """Per-row stop-string detection over the decoded text of the generated ids."""
+
+    stops: tuple[str, ...]
+    decode: object  # Callable[[list[int]], str]
+
+    def hit(self, ids: list[int]) -> bool:
+        if not self.stops:
+            return False
+        tail = self.decode(ids[-16:])  # stop strings are short; a bounded tail keeps this O(1) per step
+        return any(s in tail for s in self.stops)
+
+
+@torch.no_grad()
+def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int,
+                    decode=None) -> Iterator[StepEvent]:
+    """Yield :class:`StepEvent` s for a batch of prompts ``([L_i, C], mask [L_i])`` (sampling or greedy)."""
+    if cfg.num_beams > 1:
+        raise ValueError("use beam_search() for num_beams > 1")
+    device = prompts[0][0].device
+    pad = lm.embed_tokens.weight[eos_id]
+    embeds, mask = left_pad(prompts, pad)
+    B, L, _ = embeds.shape
+    max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)
+    if max_new < 1:
+        raise ValueError(f"prompt of {L} tokens leaves no room in {lm.cfg.max_position_embeddings} positions")
+    cache = KVCache(B, L + max_new, lm.cfg, embeds.dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
+    stop = StopMatcher(tuple(cfg.stop), decode) if decode is not None else StopMatcher((), None)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
+    history: list[list[int]] = [[] for _ in range(B)]
+    alive = [True] * B
+    for step in range(max_new):
+        nxt = choose_next(logits, cfg, history, gen).tolist()
+        for b in range(B):
+            if not alive[b]:
+                continue
+            if nxt[b] == eos_id:
+                alive[b] = False
+                yield StepEvent(b, None, True, "eos")
+                continue
+            history[b].append(nxt[b])
+            if stop.hit(history[b]):
+                alive[b] = False
+                yield StepEvent(b, nxt[b], True, "stop")
+            elif step == max_new - 1:
+                alive[b] = False
+                yield StepEvent(b, nxt[b], True, "length")
+            else:
+                yield StepEvent(b, nxt[b])
+        if not any(alive):
+            return
+        feed = torch.tensor([[t] for t in nxt], device=device)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits = lm(input_ids=feed, attention_mask=mask, cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def beam_search(lm: PhiLM, prompt: Prompt, cfg: GenerationConfig, eos_id: int, decode=None) -> list[int]:
+    """Beam search for one prompt ``([L, C], [L])``; returns the best hypothesis' token ids (EOS excluded)."""
+    prompt, prompt_mask = prompt
+    k = cfg.num_beams
+    L = prompt.shape[0]
+    max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)
+    cache = KVCache(1, L + max_new, lm.cfg, prompt.dtype, prompt.device)
+    mask = prompt_mask[None]
+    logits = lm(inputs_embeds=prompt[None], attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
+    cache.select(torch.zeros(k, dtype=torch.long, device=prompt.device))
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]
+    done: list[tuple[float, list[int]]] = []
+    stop = StopMatcher(tuple(cfg.stop), decode) if decode is not None else StopMatcher((), None)
+    logp = torch.log_softmax(logits, -1)  # [1, V] then [k, V]
+    for step in range(max_new):
+        cand = []
+        for i, (score, ids) in enumerate(beams):
+            row = apply_repetition_penalty(logp[i:i + 1], [ids], cfg.repetition_penalty)[0]
+            top = torch.topk(row, k)
+            cand += [(score + float(v), ids, int(t), i) for v, t in zip(top.values, top.indices)]
+        cand.sort(key=lambda c: c[0], reverse=True)
+        beams, origin = [], []
+        for score, ids, tok, i in cand:
+            if tok == eos_id or stop.hit(ids + [tok]) or step == max_new - 1:
+                seq = ids if tok == eos_id else ids + [tok]
+                done.append((score / max(len(seq), 1) ** cfg.length_penalty, seq))
+            else:
+                beams.append((score, ids + [tok]))
+                origin.append(i)
+            if len(beams) == k:
+                break
+        if not beams or (len(done) >= k and max(d[0] for d in done) >= beams[0][0] / max(len(beams[0][1]), 1) ** cfg.length_penalty):
+            break
+        cache.select(torch.tensor(origin, device=prompt.device))
+        feed = torch.tensor([[ids[-1]] for _, ids in beams], device=prompt.device)
+        mask = torch.cat([mask[:1].expand(len(beams), -1), mask.new_ones(len(beams), 1)], dim=1)
+        logp = torch.log_softmax(lm(input_ids=feed, attention_mask=mask, cache=cache)[:, -1], -1)
+    if not done:
+        done = [(s / max(len(ids), 1) ** cfg.length_penalty, ids) for s, ids in beams]
+    return max(done, key=lambda d: d[0])[1]
