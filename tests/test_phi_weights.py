@@ -269,7 +269,8 @@ def test_renamed_missing_and_misshaped_keys_fail_naming_them(hf_model):
     with pytest.raises(WeightImportError, match=r"model\.layers\.2\.input_layernorm\.bias"):
         convert_phi(missing, cfg)
 
-    for key, shape in (("model.layers.0.self_attn.k_proj.weight", (HIDDEN, HIDDEN - 4)), ("lm_head.bias", (VOCAB - 1,))):
+    bad_shapes = {"model.layers.0.self_attn.k_proj.weight": (HIDDEN, HIDDEN - 4), "lm_head.bias": (VOCAB - 1,)}
+    for key, shape in bad_shapes.items():
         bad = dict(base)
         bad[key] = torch.zeros(shape)
         with pytest.raises(WeightImportError, match=key.replace(".", r"\.")):
@@ -558,11 +559,13 @@ def test_stage_checkpoint_import(tmp_path, style):
     path = tmp_path / "TinyGPT-V_for_Stage3.pth"
     torch.save({"model": sd, "optimizer": {}, "config": {"run": {"init_lr": 1e-4}}, "scaler": {}, "epoch": 3}, path)
     r = 0 if style == "plain" else 4
-    tensors, qformer_raw, info, report = load_stage_checkpoint(path, r, num_layers=LAYERS, lora_targets=["qkv", "dense"])
+    tensors, qformer_raw, info, report = load_stage_checkpoint(path, r, num_layers=LAYERS,
+                                                               lora_targets=["qkv", "dense"])
     assert set(tensors) == set(expected)
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
     assert info["lora_r"] == r and info["layers"] == LAYERS
-    assert info["key_style"] == {"peft0.2": "peft-0.2", "default": "peft-default", "plain": "no-lora", "v0": "peft-0.2"}[style]
+    styles = {"peft0.2": "peft-0.2", "default": "peft-default", "plain": "no-lora", "v0": "peft-0.2"}
+    assert info["key_style"] == styles[style]
     assert report.ok and not report.unexpected
     if style == "v0":
         assert info["has_qformer"] and report.ignored == []
@@ -609,6 +612,7 @@ def test_stage_checkpoint_unknown_and_duplicate_keys_raise():
     with pytest.raises(WeightImportError) as exc:
         convert_stage_checkpoint(bad, 4)
     assert "self_attn.foo.weight" in str(exc.value) and "visual_encoder.blocks.0.norm1.weight" in str(exc.value)
-    dup = {**sd, "llama_model.base_model.model.model.layers.0.self_attn.dense.lora_A.default.weight": torch.zeros(4, HIDDEN)}
+    dup_key = "llama_model.base_model.model.model.layers.0.self_attn.dense.lora_A.default.weight"
+    dup = {**sd, dup_key: torch.zeros(4, HIDDEN)}
     with pytest.raises(WeightImportError, match="several source keys"):
         convert_stage_checkpoint(dup, 4)

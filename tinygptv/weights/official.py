@@ -98,13 +98,13 @@ def import_official(llm: str | Path, vit: str | Path | None = None, qformer: str
     if stage_checkpoint is not None:
         sd = _read(stage_checkpoint)
         probe = next((v for k, v in sd.items() if k.endswith(("lora_A.weight", "lora_A.default.weight"))), None)
-        if probe is not None:
-            lora = replace(lora, r=probe.shape[0])
-        stage_tensors, qf_raw, info, rep = convert_stage_checkpoint(sd, lora_r_expected=lora.r)
+        stage_tensors, qf_raw, info, rep = convert_stage_checkpoint(
+            sd, lora_r_expected=0 if probe is None else probe.shape[0], num_layers=lm_cfg.layers,
+            name=str(stage_checkpoint))
         reports.append(rep)
+        lora = replace(lora, r=info["lora_r"], targets=list(info["lora_targets"]) or lora.targets)
         if qf_raw:  # upstream v0 stage 4 trained the Q-Former: route through the BLIP-2 converter
-            qf_cfg_stage = qformer_config_from_lavis(qf_raw, qf_cfg) if "query_tokens" in qf_raw else qf_cfg
-            _, qf_stage, rep = convert_blip2_lavis(_complete_blip(qf_raw, blip), vis_cfg, qf_cfg_stage,
+            _, qf_stage, rep = convert_blip2_lavis(_complete_blip(qf_raw, blip), vis_cfg, qf_cfg,
                                                    name=f"{stage_checkpoint} (Q-Former)")
             qf_tensors.update(qf_stage)
     cfg = replace(base, vision=vis_cfg, qformer=qf_cfg, lm=lm_cfg, lora=lora)

@@ -63,7 +63,8 @@ PHI_ABSENT_OK: tuple[str, ...] = (
 #: Source keys that carry no learned information: rotary caches saved by transformers ≤ 4.36 ``.bin``
 #: files and by the Microsoft remote code.
 PHI_IGNORABLE: tuple[str, ...] = (
-    r"(model\.layers|transformer\.h)\.\d+\.(self_attn|mixer)\.rotary_emb\.(inv_freq|cos_cached|sin_cached|_cos_cached|_sin_cached)",
+    r"(model\.layers|transformer\.h)\.\d+\.(self_attn|mixer)\.rotary_emb\."
+    r"(inv_freq|cos_cached|sin_cached|_cos_cached|_sin_cached)",
     r"model\.rotary_emb\.inv_freq",
 )
 
@@ -164,7 +165,8 @@ def _msft_fields(c: dict[str, Any]) -> dict[str, Any]:
     inter = c.get("n_inner") or 4 * hidden
     kv = c.get("n_head_kv")
     if kv is not None and kv != heads:
-        raise WeightImportError(f"config.json n_head_kv={kv} != n_head={heads}: grouped-query attention is not supported")
+        raise WeightImportError(f"config.json n_head_kv={kv} != n_head={heads}: "
+                                f"grouped-query attention is not supported")
     _check_act(c.get("activation_function", "gelu_new"), "activation_function")
     if c.get("tie_word_embeddings"):
         raise WeightImportError("config.json has tie_word_embeddings=true; Phi's lm_head is a separate Linear")
@@ -217,7 +219,8 @@ def _target_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
 def fuse_split_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """``q_proj/k_proj/v_proj`` weights ``[C,in]`` (or biases ``[C]``) → per-head interleaved ``[3C,…]`` (§3.1)."""
     d = q.shape[0] // heads
-    return torch.stack([t.reshape(heads, d, *t.shape[1:]) for t in (q, k, v)], dim=1).reshape(3 * q.shape[0], *q.shape[1:])
+    rest = q.shape[1:]
+    return torch.stack([t.reshape(heads, d, *rest) for t in (q, k, v)], dim=1).reshape(3 * q.shape[0], *rest)
 
 
 def split_fused_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -369,7 +372,8 @@ def load_phi_folder(folder: str | Path, cfg: LMConfig | None = None, qk_norm: bo
     config_path = folder / "config.json"
     file_cfg = None
     if config_path.is_file():
-        file_cfg = lm_config_from_hf(json.loads(config_path.read_text()), qk_norm=qk_norm, post_attn_norm=post_attn_norm)
+        file_cfg = lm_config_from_hf(json.loads(config_path.read_text()), qk_norm=qk_norm,
+                                     post_attn_norm=post_attn_norm)
     if cfg is None:
         if file_cfg is None:
             raise WeightImportError(f"{folder}: no config.json and no LM config given")

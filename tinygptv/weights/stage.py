@@ -38,7 +38,9 @@ _LORA = re.compile(
     r"model\.layers\.(\d+)\.(self_attn\.query_key_value|self_attn\.dense|mlp\.fc1|mlp\.fc2)"
     r"\.lora_([AB])(\.default)?\.weight"
 )
-_BASE_LAYER = re.compile(r"(model\.layers\.\d+\.(?:self_attn\.(?:query_key_value|dense)|mlp\.fc[12]))\.base_layer\.(weight|bias)")
+_BASE_LAYER = re.compile(
+    r"(model\.layers\.\d+\.(?:self_attn\.(?:query_key_value|dense)|mlp\.fc[12]))\.base_layer\.(weight|bias)"
+)
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 _TARGET_NAMES = {"self_attn.query_key_value": "qkv", "self_attn.dense": "dense", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
 _TARGET_PATHS = {"qkv": "attn.qkv", "dense": "attn.dense", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -120,7 +122,8 @@ def convert_stage_checkpoint(sd: Tensors, lora_r_expected: int, *, num_layers: i
     report = km.finish(STAGE_IGNORABLE)
     problems: list[str] = []
     if report.unexpected:
-        problems.append(f"unrecognised key(s) {report.unexpected[:20]}" + (" …" if len(report.unexpected) > 20 else ""))
+        more = " …" if len(report.unexpected) > 20 else ""
+        problems.append(f"unrecognised key(s) {report.unexpected[:20]}{more}")
     if len(prefixes) > 1:
         problems.append("keys mix the LoRA-wrapped prefix 'llama_model.base_model.model.' and the plain prefix "
                         "'llama_model.' (not a single upstream model's state dict)")
