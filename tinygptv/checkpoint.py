@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from tinygptv.model.phi import RMSNorm
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.templates import ChatTemplate, get_template
 from tinygptv.tokenizer import Tokenizer
-from tinygptv.weights.common import ImportReport, WeightImportError, assign_tensors
+from tinygptv.weights.common import ImportReport, WeightImportError
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +46,129 @@ def build_empty(cfg: ModelConfig) -> TinyGPTV:
         return TinyGPTV(cfg)
 
 
-@torch.no_grad()
-def init_random(model: TinyGPTV, seed: int = 0, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> TinyGPTV:
-    """Materialise a meta model with cheap random weights: N(0, 0.02) matrices, zero biases, unit norms.
+class RandomSource:
+    """Cheap random weights: N(0, 0.02) matrices, zero biases, unit norms; LoRA-B zero and LoRA-A
+    Kaiming-uniform, the new norms at (1, 0), as the reference initialises them (§2.3, §2.5)."""
 
-    LoRA-B starts at zero and the new norms at (1, 0) as in the reference (§2.3, §2.5).
-    """
-    model.to_empty(device=device)
-    model.to(dtype)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for module in model.modules():
+    name = "random init"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def take(self, key: str, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """Deterministic per key (independent of the order tensors are requested in)."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+        leaf = key.rsplit(".", 1)[-1]
         if isinstance(module, (nn.LayerNorm, RMSNorm)):
-            module.weight.fill_(1.0)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+            return torch.ones(like.shape) if leaf == "weight" else torch.zeros(like.shape)
+        if leaf == "lora_B" or leaf == "bias" or leaf.endswith("_bias"):
+            return torch.zeros(like.shape)
+        if leaf == "lora_A":
+            bound = 1.0 / math.sqrt(like.shape[1])
+            return torch.empty(like.shape).uniform_(-bound, bound, generator=gen)
+        return torch.randn(like.shape, generator=gen).mul_(0.02)
+
+    def unused(self) -> list[str]:
+        return []
+
+
+class FileSource:
+    """Tensors read one at a time from a safetensors file (so a quantized load never holds the fp model)."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        if not path.is_file():
+            raise FileNotFoundError(f"weights not found: {path}")
+        self.name = str(path)
+        try:
+            self.file = safe_open(str(path), framework="pt")
+            self.all = set(self.file.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightImportError(f"{path}: cannot read safetensors ({exc}); the file may be truncated") from exc
+        self.used: set[str] = set()
+
+    def take(self, key: str, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        if key not in self.all:
+            raise KeyError(key)
+        self.used.add(key)
+        try:
+            return self.file.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for corrupt data
+            raise WeightImportError(f"{self.name}: cannot read tensor {key!r} ({exc}); the file may be "
+                                    f"truncated") from exc
+
+    def unused(self) -> list[str]:
+        return sorted(self.all - self.used)
+
+
+@torch.no_grad()
+def materialize(cfg: ModelConfig, source, quant=None, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> TinyGPTV:
+    """Build ``cfg`` on ``meta`` and fill every tensor from ``source`` with strict accounting.
+
+    With an ``int8``/``int4`` ``quant`` whose weights are not yet quantized in the source, each linear layer is
+    read (LoRA merged), quantized and its floating-point weight dropped before the next one is read, so peak
+    memory stays near the quantized size. A source that already holds quantized tensors is read as is.
+    """
+    from tinygptv.infer.quantize import QuantConfig, quantize_model
+
+    model = build_empty(cfg)
+    report = ImportReport(source=source.name)
+    missing: list[str] = []
+
+    def take(key: str, like: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
+        try:
+            value = source.take(key, like, module)
+        except KeyError:
+            missing.append(key)
+            return None
+        if tuple(value.shape) != tuple(like.shape):
+            report.shape_errors.append(f"{key}: file {tuple(value.shape)} vs model {tuple(like.shape)}")
+            return None
+        return value
+
+    def fetch(name: str, lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        w = take(f"{name}.weight", lin.weight, lin)
+        b = take(f"{name}.bias", lin.bias, lin) if getattr(lin, "bias", None) is not None else None
+        if w is None:
+            return None
+        if isinstance(lin, LoRALinear) and lin.r > 0:
+            a, bb = take(f"{name}.lora_A", lin.lora_A, lin), take(f"{name}.lora_B", lin.lora_B, lin)
+            if a is not None and bb is not None:
+                w = (w.float() + (bb.float() @ a.float()) * lin.scaling)
+        return w, b
+
+    if quant is not None:
+        quant = QuantConfig(mode=quant) if isinstance(quant, str) else quant
+        prequantized = any(k.endswith((".qweight", ".packed")) for k in getattr(source, "all", ()))
+        quantize_model(model, quant, fetch=None if prequantized else fetch)
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.device.type != "meta":
             continue
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, LoRALinear) and name == "lora_B":
-                p.zero_()
-            elif name == "bias" or name.endswith("_bias"):
-                p.zero_()
-            elif isinstance(module, LoRALinear) and name == "lora_A":
-                bound = 1.0 / math.sqrt(p.shape[1])
-                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
-    return model
+        *path, leaf = key.split(".")
+        owner = model.get_submodule(".".join(path))
+        value = take(key, t, owner)
+        if value is None:
+            continue
+        value = value.to(device=device, dtype=t.dtype if not t.is_floating_point() or dtype is None else dtype)
+        if isinstance(owner._parameters.get(leaf), nn.Parameter):
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+        report.loaded.append(key)
+    report.missing = missing
+    report.unexpected = source.unused()
+    report.raise_if_bad()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.to(device)
+
+
+def init_random(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None, quant=None) -> TinyGPTV:
+    """A model of ``cfg`` with random weights (see :class:`RandomSource`), built tensor by tensor."""
+    return materialize(cfg, RandomSource(seed), quant, dtype, device)
 
 
 def save(model: TinyGPTV, folder: str | Path, tokenizer: Tokenizer | None = None,
@@ -92,6 +189,8 @@ def save(model: TinyGPTV, folder: str | Path, tokenizer: Tokenizer | None = None
         if tok is not None:
             tok.save(tmp)
         (template or model.template).to_yaml(tmp / TEMPLATE_FILE)
+        if getattr(model, "quantization", None) is not None:
+            model.quantization.save(tmp)
         _replace_dir(tmp, folder)
     finally:
         if tmp.exists():
@@ -112,13 +211,15 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def load(path_or_preset: str | Path | ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         tokenizer: str | Path | Tokenizer | None = None, seed: int = 0) -> TinyGPTV:
+         tokenizer: str | Path | Tokenizer | None = None, seed: int = 0, quantize=None) -> TinyGPTV:
     """Load a checkpoint folder, or build a named preset (``tiny``, ``small``, ``tinygptv-phi2``…) with random weights.
 
     Args:
         path_or_preset: a folder written by :func:`save` / ``tinygptv import``, a ``config.yaml``, a preset name,
             or a :class:`ModelConfig` (random weights).
         dtype: cast floating weights (default: as stored; fp32 for random presets).
+        quantize: ``None | "bf16" | "int8" | "int4"`` or a :class:`tinygptv.infer.quantize.QuantConfig`;
+            quantized checkpoints (with ``quantization.yaml``) load quantized without it.
         tokenizer: a tokenizer folder / object overriding the checkpoint's; random presets without one get the
             byte-level tokenizer when their vocabulary is large enough.
     Returns:
@@ -128,7 +229,7 @@ def load(path_or_preset: str | Path | ModelConfig, device: str | torch.device = 
         cfg = path_or_preset
     elif Path(path_or_preset).is_dir():
         cfg = None
-        model = _load_folder(Path(path_or_preset), device, dtype)
+        model = _load_folder(Path(path_or_preset), device, dtype, quantize)
     elif Path(path_or_preset).suffix in (".yaml", ".yml") and Path(path_or_preset).is_file():
         cfg = ModelConfig.from_yaml(path_or_preset)
     elif str(path_or_preset) in PRESETS:
@@ -137,7 +238,7 @@ def load(path_or_preset: str | Path | ModelConfig, device: str | torch.device = 
         raise FileNotFoundError(f"{path_or_preset!r} is neither a checkpoint folder, a config.yaml, nor a preset "
                                 f"({sorted(PRESETS)})")
     if cfg is not None:
-        model = init_random(build_empty(cfg), seed, device, dtype or torch.float32)
+        model = init_random(cfg, seed, device, dtype, quantize)
     if isinstance(tokenizer, Tokenizer):
         model.tokenizer = tokenizer
     elif tokenizer is not None:
@@ -155,16 +256,19 @@ def _default_tokenizer(cfg: ModelConfig) -> Tokenizer | None:
     return None
 
 
-def _load_folder(folder: Path, device, dtype) -> TinyGPTV:
+def _load_folder(folder: Path, device, dtype, quantize=None) -> TinyGPTV:
+    from tinygptv.infer.quantize import QuantConfig
+
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; is this a tinygptv checkpoint folder?")
     cfg = ModelConfig.from_yaml(cfg_path)
-    model = build_empty(cfg)
-    tensors = read_weights(folder / WEIGHTS_FILE)
-    report = assign_tensors(model, tensors, ImportReport(source=str(folder / WEIGHTS_FILE)))
-    report.raise_if_bad()
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    saved = QuantConfig.load(folder)
+    if saved is not None and quantize is not None:
+        wanted = QuantConfig(mode=quantize) if isinstance(quantize, str) else quantize
+        if wanted != saved:
+            raise ValueError(f"{folder} is saved quantized ({saved.mode}); it cannot be loaded as {wanted.mode}")
+    model = materialize(cfg, FileSource(folder / WEIGHTS_FILE), saved or quantize, dtype, device)
     if (folder / "tokenizer.json").is_file():
         model.tokenizer = Tokenizer.from_folder(folder)
     if (folder / TEMPLATE_FILE).is_file():
@@ -172,17 +276,4 @@ def _load_folder(folder: Path, device, dtype) -> TinyGPTV:
     return model
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-mapped safetensors read with a clear error for truncated or foreign files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"weights not found: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightImportError(f"{path}: cannot read safetensors ({exc}); the file may be truncated") from exc
-
-
-__all__ = ["load", "save", "build_empty", "init_random", "get_template"]
+__all__ = ["load", "save", "build_empty", "init_random", "materialize", "get_template"]

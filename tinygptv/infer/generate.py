@@ -123,7 +123,7 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
     if cfg.num_beams > 1:
         raise ValueError("use beam_search() for num_beams > 1")
     device = prompts[0][0].device
-    pad = lm.embed_tokens.weight[eos_id]
+    pad = lm.embed_tokens(torch.tensor([eos_id], device=device))[0]
     embeds, mask = left_pad(prompts, pad)
     B, L, _ = embeds.shape
     max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)

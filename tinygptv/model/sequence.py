@@ -92,7 +92,7 @@ def build_batch(examples: list[Example], images: list[torch.Tensor | None], toke
     """
     if len(examples) != len(images):
         raise ValueError(f"{len(examples)} examples but {len(images)} image entries")
-    device = embed.weight.device
+    device = next(iter(embed.state_dict().values())).device
 
     def emb(ids: list[int]) -> torch.Tensor:
         return embed(torch.tensor(ids, dtype=torch.long, device=device))  # [n, C]

@@ -51,11 +51,12 @@ class TinyGPTV(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm.embed_tokens.weight.dtype
+        """The LM's compute dtype (its final norm's; embeddings may be stored quantized)."""
+        return self.lm.final_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm.embed_tokens.weight.device
+        return self.lm.final_layernorm.weight.device
 
     def pixel_values(self, images: list[ImageInput]) -> torch.Tensor:
         """Preprocess images into ``[N, 3, S, S]`` on the model's device (vision dtype)."""

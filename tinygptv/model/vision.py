@@ -79,11 +79,9 @@ class EVAAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, W]`` → ``[B, N, W]`` (no mask: every token attends to every token)."""
         b, n, w = x.shape
-        bias = None
+        qkv = self.qkv(x)  # [B, N, 3W]
         if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # [3W]
-            bias = bias.to(self.qkv.weight.dtype)
-        qkv = F.linear(x, self.qkv.weight, bias)  # [B, N, 3W]
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(qkv.dtype)  # [3W]
         qkv = qkv.reshape(b, n, 3, self.heads, w // self.heads)  # [B, N, 3, h, d]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, N, d]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, d]

@@ -1,0 +1,86 @@
+"""Quantized inference: really quantized (types, bytes), close to the float model, saved and reloaded as is.
+
+Tolerances (stated, measured on the random `small` preset, logits of magnitude ~1.3): bf16 ≤ 0.03,
+int8 ≤ 0.12, int4 ≤ 0.4 max-abs logit difference vs fp32.
+"""
+
+import pytest
+import torch
+
+import tinygptv
+from tinygptv.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, QuantConfig, quantize_model, quantized_bytes
+
+TOL = {"bf16": 0.03, "int8": 0.12, "int4": 0.4}
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return tinygptv.load("small", seed=1)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(1, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.lm(ids)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_quantized_close_and_small(ref, ids, mode):
+    model = tinygptv.load("small", seed=1, quantize=mode)
+    diff = (logits(model, ids) - logits(ref, ids)).abs().max().item()
+    assert diff <= TOL[mode], diff
+    assert diff > 0  # it really changed the arithmetic
+    ratio = quantized_bytes(model) / quantized_bytes(ref)
+    assert ratio < {"bf16": 0.51, "int8": 0.3, "int4": 0.23}[mode], ratio
+    if mode != "bf16":
+        kind = Int8Linear if mode == "int8" else Int4Linear
+        lm_linears = [m for n, m in model.lm.named_modules() if n.endswith(("qkv", "dense", "fc1", "fc2", "lm_head"))]
+        assert lm_linears and all(isinstance(m, kind) for m in lm_linears)
+        assert isinstance(model.lm.embed_tokens, Int8Embedding)
+        assert not any(type(m) is torch.nn.Linear for m in model.vision.modules())
+        assert model.lm.layers[0].mlp.fc1.state_dict()["qweight" if mode == "int8" else "packed"].dtype in (
+            torch.int8, torch.uint8)
+
+
+def test_int8_kernels_agree(ref, ids):
+    a = tinygptv.load("small", seed=1, quantize=QuantConfig("int8", int8_kernel="dynamic"))
+    b = tinygptv.load("small", seed=1, quantize=QuantConfig("int8", int8_kernel="weight-only"))
+    assert (logits(a, ids) - logits(b, ids)).abs().max() < TOL["int8"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_save_and_reload_without_requantizing(ref, ids, tmp_path, mode):
+    model = tinygptv.load("small", seed=1, quantize=mode)
+    tinygptv.save(model, tmp_path / "q")
+    assert (tmp_path / "q" / "quantization.yaml").is_file()
+    again = tinygptv.load(tmp_path / "q")
+    assert torch.equal(logits(again, ids), logits(model, ids))
+    with pytest.raises(ValueError, match="saved quantized"):
+        tinygptv.load(tmp_path / "q", quantize="int4" if mode == "int8" else "int8")
+
+
+def test_streaming_quantized_load_equals_quantize_after_load(ref, ids, tmp_path):
+    tinygptv.save(ref, tmp_path / "fp")
+    streamed = tinygptv.load(tmp_path / "fp", quantize="int8")
+    after = quantize_model(tinygptv.load(tmp_path / "fp"), "int8")
+    assert torch.equal(logits(streamed, ids), logits(after, ids))
+
+
+def test_lora_is_merged_before_quantizing(ids, tmp_path):
+    model = tinygptv.load("small", seed=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    tinygptv.save(model, tmp_path / "lora")
+    q = tinygptv.load(tmp_path / "lora", quantize="int8")
+    assert (logits(q, ids) - logits(model, ids)).abs().max() < TOL["int8"]
+
+
+def test_generation_runs_quantized(red_image):
+    model = tinygptv.load("tiny", quantize="int8")
+    assert isinstance(model.generate(red_image, "what?", max_new_tokens=3), str)

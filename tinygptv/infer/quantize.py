@@ -1,0 +1,285 @@
+"""Weight quantization for CPU inference: ``none | bf16 | int8 | int4``, chosen at load time.
+
+Measured on the 2-core CI machine (Xeon with AVX-512 VNNI/AMX; ``benchmarks/inference.py``), for one
+2560→10240 linear at batch 1: bf16 dense 2.0 ms, int8 dynamic (fbgemm) 0.7 ms, int8 weight-only
+(``_weight_int8pack_mm``) 0.95 ms, int4 weight-only (``_weight_int4pack_mm_for_cpu``) 0.85 ms; at batch 8 the
+dynamic int8 kernel stays at 0.7 ms while both weight-only kernels triple. Hence:
+
+- ``int8``: per-output-channel symmetric int8 weights. Kernel ``dynamic`` (PyTorch's fbgemm/onednn dynamic
+  linear: activations quantized per tensor on the fly) where available, else ``weight-only`` (bf16 activations).
+- ``int4``: asymmetric 4-bit weights in groups of ``group_size`` along the input dimension, bf16 activations.
+- Embeddings are stored int8 per row in both modes; norms and biases stay floating point.
+- The vision tower and Q-Former are quantized to int8 too (they are 1.1 B of the 3.9 B parameters).
+
+Quantized tensors are ordinary buffers, so a quantized model saves to / loads from safetensors like any
+other (``quantization.yaml`` beside it records the mode); kernel-specific packing is rebuilt lazily.
+LoRA is merged into the weights before quantization (inference only).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from tinygptv.model.lora import LoRALinear, merge_lora
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "bf16", "int8", "int4")
+QUANT_FILE = "quantization.yaml"
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "int8"
+    group_size: int = 32  # int4 only
+    vision: bool = True  # also quantize ViT + Q-Former linears to int8
+    int8_kernel: str = "auto"  # auto | dynamic | weight-only
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown quantization {self.mode!r}; valid: {list(MODES)}")
+        if self.int8_kernel not in ("auto", "dynamic", "weight-only"):
+            raise ValueError("int8_kernel must be auto, dynamic or weight-only")
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / QUANT_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "QuantConfig | None":
+        path = Path(folder) / QUANT_FILE
+        return cls(**yaml.safe_load(path.read_text())) if path.is_file() else None
+
+
+def dynamic_int8_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+
+
+class Int8Linear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W ≈ qweight · scale[:, None]`` (int8, per output channel)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kernel: str = "auto", device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
+        if kernel == "auto":
+            kernel = "dynamic" if dynamic_int8_available() else "weight-only"
+        self.kernel = kernel
+        self._packed = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "auto") -> "Int8Linear":
+        mod = cls(weight.shape[1], weight.shape[0], bias is not None, kernel, device=weight.device)
+        if weight.device.type != "meta":
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+            mod.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            mod.scale.copy_(scale)
+            if bias is not None:
+                mod.bias.copy_(bias.float())
+        return mod
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def _prepack(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized-tensor creation warns about a future deprecation
+            qt = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(),
+                                                          torch.zeros_like(self.scale, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qt, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernel == "dynamic":
+            if self._packed is None:
+                self._packed = self._prepack()
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, True)
+        else:
+            xb = x2.to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale.to(torch.bfloat16)).float()
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 {self.kernel}"
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric 4-bit weights per group of ``group_size`` inputs; ``W ≈ (q − 8)·scale + zero``.
+
+    Stored portably as nibble-packed ``uint8 [out, in/2]`` (high nibble = even column) with ``scales_zeros
+    [in/group, out, 2]``; converted lazily to the CPU kernel's packing. Shapes the kernel cannot take
+    (``out`` not a multiple of 16) fall back to dequantize-and-matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"int4: in_features {in_features} not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros", torch.empty(in_features // group_size, out_features, 2,
+                                                         dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=torch.bfloat16, device=device) if bias else None)
+        self._kernel_weight = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32) -> "Int4Linear":
+        n, k = weight.shape
+        mod = cls(k, n, bias is not None, group_size, device=weight.device)
+        if weight.device.type != "meta":
+            w = weight.float().view(n, k // group_size, group_size)
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.uint8).view(n, k)
+            mod.packed.copy_((q[:, 0::2] << 4) | q[:, 1::2])
+            zero = lo + 8 * scale  # so that W = (q - 8) * scale + zero
+            mod.scales_zeros.copy_(torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1))
+            if bias is not None:
+                mod.bias.copy_(bias)
+        return mod
+
+    def unpack(self) -> torch.Tensor:
+        """``int32 [out, in]`` values in 0..15."""
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int32, device=self.packed.device)
+        q[:, 0::2] = (self.packed >> 4).to(torch.int32)
+        q[:, 1::2] = (self.packed & 15).to(torch.int32)
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        sz = self.scales_zeros.float().transpose(0, 1)  # [out, groups, 2]
+        q = self.unpack().float().view(self.out_features, -1, self.group_size)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.out_features % 16 == 0:
+            if self._kernel_weight is None:
+                self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group_size,
+                                                            self.scales_zeros)
+        else:
+            y = F.linear(x2, self.dequantize().to(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_weight = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table stored int8 per row; lookups dequantize only the rows used."""
+
+    def __init__(self, num: int, dim: int, out_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.out_dtype = num, dim, out_dtype
+        self.register_buffer("qweight", torch.empty(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(num, dtype=torch.float32, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, out_dtype: torch.dtype) -> "Int8Embedding":
+        mod = cls(*weight.shape, out_dtype=out_dtype, device=weight.device)
+        if weight.device.type != "meta":
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+            mod.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            mod.scale.copy_(scale)
+        return mod
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[ids].float() * self.scale[ids][..., None]).to(self.out_dtype)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig | str, fetch=None) -> nn.Module:
+    """Quantize a :class:`~tinygptv.model.tinygptv.TinyGPTV` in place.
+
+    Args:
+        fetch: optional ``fetch(module_name, linear) -> (weight, bias)`` giving each linear's floating-point
+            weight (LoRA already merged) from elsewhere, for models still on ``meta``: layers are then read and
+            quantized one at a time. Without it the module's own weights are used (``meta`` in, ``meta`` out).
+    """
+    cfg = QuantConfig(mode=cfg) if isinstance(cfg, str) else cfg
+    if cfg.mode == "none":
+        return model
+    if cfg.mode == "bf16":
+        return model.to(torch.bfloat16)
+    lm = model.lm
+    if fetch is None:
+        merge_lora(lm)
+    compute = torch.float32 if cfg.mode == "int8" else torch.bfloat16
+
+    def weights(name: str, lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        got = fetch(name, lin) if fetch is not None else None
+        return got if got is not None else (lin.weight, getattr(lin, "bias", None))
+
+    def lm_linear(name: str, lin: nn.Linear) -> nn.Module:
+        w, b = weights(name, lin)
+        if cfg.mode == "int8":
+            return Int8Linear.from_weight(w, b, cfg.int8_kernel)
+        return Int4Linear.from_weight(w, b, cfg.group_size)
+
+    def vision_linear(name: str, lin: nn.Linear) -> nn.Module:
+        return Int8Linear.from_weight(*weights(name, lin), cfg.int8_kernel)
+
+    _replace_linears(lm, lm_linear, "lm")
+    emb = lm.embed_tokens
+    w = weights("lm.embed_tokens", emb)[0] if fetch is not None else emb.weight
+    lm.embed_tokens = Int8Embedding.from_weight(w, compute)
+    _cast_float(lm, compute)
+    if cfg.vision:
+        _replace_linears(model.vision, vision_linear, "vision")
+        _replace_linears(model.qformer, vision_linear, "qformer")
+    model.quantization = cfg
+    return model
+
+
+def _replace_linears(module: nn.Module, make, prefix: str) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, (nn.Linear, LoRALinear)):
+            setattr(module, name, make(f"{prefix}.{name}", child))
+        else:
+            _replace_linears(child, make, f"{prefix}.{name}")
+
+
+def _cast_float(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast remaining floating parameters (norms) to the compute dtype; quantized buffers keep theirs."""
+    for sub in module.modules():
+        if isinstance(sub, QUANTIZED):
+            continue
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype:
+                sub._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=False)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (what the weights occupy in memory)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
