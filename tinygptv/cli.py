@@ -19,8 +19,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder, config.yaml, or preset name (random weights): tiny, small, tinygptv-phi2")
     p.add_argument("--tokenizer", help="tokenizer folder (Phi-2 HF folder) overriding the checkpoint's")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default=None,
+                   help="weight quantization chosen at load time (default: as stored)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for presets, e.g. lm.layers=2")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, reproducible)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _gen_config(args):
+    from tinygptv.infer.generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                            seed=args.seed)
 
 
 def _load_model(args):
@@ -31,8 +48,8 @@ def _load_model(args):
         if args.model not in PRESETS:
             raise SystemExit("--set only applies to presets; edit the checkpoint's config.yaml instead")
         return tinygptv.load(preset(args.model).replace(**parse_overrides(args.set)), device=args.device,
-                             tokenizer=args.tokenizer)
-    return tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer)
+                             tokenizer=args.tokenizer, quantize=args.quantize)
+    return tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer, quantize=args.quantize)
 
 
 def cmd_info(args) -> int:
@@ -59,17 +76,74 @@ def cmd_info(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    """Answer one question about an image (greedy)."""
+    """Answer one question about an image."""
+    from tinygptv.image import load_image
+    from tinygptv.infer.engine import Engine
+    from tinygptv.infer.grounding import draw_boxes, parse_boxes
+
     model = _load_model(args)
-    image = None if args.no_image else (args.image or EXAMPLE_IMAGE)
-    t0 = time.perf_counter()
-    answer = model.generate(image, args.question, max_new_tokens=args.max_new_tokens)
-    dt = time.perf_counter() - t0
+    engine = Engine(model)
+    image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
+    request = engine.chat_request(args.question, [image] if image is not None else [])
+    result = engine.generate([request], _gen_config(args))[0]
+    boxes = parse_boxes(result.text, *image.size) if image is not None else []
+    if args.draw and boxes:
+        draw_boxes(image, boxes).save(args.draw)
     if args.json:
-        print(json.dumps({"answer": answer, "seconds": round(dt, 3), "model": model.cfg.name}))
+        print(json.dumps({"answer": result.text, "boxes": [b.to_dict() for b in boxes],
+                          "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                          "completion_tokens": len(result.token_ids),
+                          "timings": {k: round(v, 4) for k, v in result.timings.items()}, "model": model.cfg.name}))
     else:
-        print(answer)
+        print(result.text)
     return 0
+
+
+CHAT_HELP = "commands: /image PATH (attach an image to the next question), /reset, /quit"
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat with streaming answers (/image PATH, /reset, /quit)."""
+    from tinygptv.image import ImageError
+    from tinygptv.infer.chat import Conversation
+    from tinygptv.infer.engine import Engine
+
+    conv = Conversation(Engine(_load_model(args)))
+    cfg = _gen_config(args)
+    if args.image:
+        conv.add_image(args.image)
+    print(CHAT_HELP, flush=True)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            conv.reset()
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                conv.add_image(path)
+                print(f"(image attached: {path})")
+            except ImageError as exc:
+                print(f"error: {exc}")
+            continue
+        if line.startswith("/"):
+            print(CHAT_HELP)
+            continue
+        try:
+            for delta in conv.ask(line, cfg):
+                print(delta, end="", flush=True)
+            print(flush=True)
+        except ValueError as exc:
+            print(f"\nerror: {exc}", flush=True)
 
 
 def cmd_import(args) -> int:
@@ -121,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--image", help="image path (default: a bundled example image)")
     p.add_argument("--no-image", action="store_true", help="text-only question")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="answer, boxes (pixels), token counts and timings as JSON")
+    p.add_argument("--draw", metavar="PNG", help="draw grounding boxes of the answer on the image")
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__)
+    _add_model_args(p)
+    p.add_argument("--image", help="image for the first question")
 
     p = sub.add_parser("import", help=cmd_import.__doc__)
     p.add_argument("--llm", required=True, help="Phi-2 / Phi-1.5 HF folder (fused, split or msft layout)")
@@ -143,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"info": cmd_info, "ask": cmd_ask, "import": cmd_import, "export": cmd_export}
+COMMANDS = {"info": cmd_info, "ask": cmd_ask, "chat": cmd_chat, "import": cmd_import, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -39,7 +39,8 @@ def blip_caption(text: str, max_words: int = 50) -> str:
     return text
 
 
-def box_coords(box_xywh: Sequence[float], image_size: tuple[int, int], grid: int = BOX_GRID) -> tuple[int, int, int, int]:
+def box_coords(box_xywh: Sequence[float], image_size: tuple[int, int],
+               grid: int = BOX_GRID) -> tuple[int, int, int, int]:
     """``[x, y, w, h]`` pixels on an image of ``(width, height)`` → truncated grid corners ``(x1, y1, x2, y2)``."""
     x, y, w, h = (float(v) for v in box_xywh)
     width, height = image_size

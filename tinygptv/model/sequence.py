@@ -69,15 +69,6 @@ class Batch:
     labels: torch.Tensor  # [B, L] long, -100 = ignored
 
 
-def split_condition(condition: str, n_images: int) -> list[str]:
-    """Text segments around the placeholders; their count must be ``n_images + 1``."""
-    segments = condition.split(IMAGE_PLACEHOLDER)
-    if len(segments) - 1 != n_images:
-        raise ValueError(f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) "
-                         f"were given: {condition!r}")
-    return segments
-
-
 def build_batch(examples: list[Example], images: list[torch.Tensor | None], tokenizer: Tokenizer,
                 embed: nn.Embedding, pad_token_id: int, bos_token_id: int, max_txt_len: int | None = None,
                 add_bos: bool = True) -> Batch:
@@ -97,33 +88,48 @@ def build_batch(examples: list[Example], images: list[torch.Tensor | None], toke
     def emb(ids: list[int]) -> torch.Tensor:
         return embed(torch.tensor(ids, dtype=torch.long, device=device))  # [n, C]
 
-    conds, tgt_ids, tgt_sup, tgt_att = [], [], [], []
+    conds, tgt_ids, tgt_sup, tgt_att, tgt_img = [], [], [], [], []
     for ex, img in zip(examples, images):
         n_img = 0 if img is None else img.shape[0]
+        used = 0  # images consumed so far, in placeholder order (condition first, then target parts)
         if ex.condition is None:
             if img is None:
                 raise ValueError("an example with neither a prompt nor an image")
             conds.append(img.reshape(-1, img.shape[-1]))
+            used = n_img
         else:
             pieces = []
-            for i, seg in enumerate(split_condition(ex.condition, n_img)):
+            for i, seg in enumerate(ex.condition.split(IMAGE_PLACEHOLDER)):
                 if i:
-                    pieces.append(img[i - 1])
+                    if used >= n_img:
+                        _count_error(ex, n_img)
+                    pieces.append(img[used])
+                    used += 1
                 ids = tokenizer.encode(seg)
                 if ids:
                     pieces.append(emb(ids))
             conds.append(torch.cat(pieces) if pieces else emb([])[:0])
-        ids, sup, att = [], [], []
+        ids, sup, att, img_rows = [], [], [], {}
         for j, (text, supervised) in enumerate(ex.targets):
             if j in ex.bos_before:
                 ids.append(bos_token_id), sup.append(False), att.append(0 if bos_token_id == pad_token_id else 1)
-            part = tokenizer.encode(text)
-            ids += part
-            sup += [supervised] * len(part)
-            att += [1] * len(part)
+            for k, seg in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                if k:  # an image inside a later turn (chat): its rows are context, never supervised
+                    if used >= n_img:
+                        _count_error(ex, n_img)
+                    for row in img[used]:
+                        img_rows[len(ids)] = row
+                        ids.append(pad_token_id), sup.append(False), att.append(1)
+                    used += 1
+                part = tokenizer.encode(seg)
+                ids += part
+                sup += [supervised] * len(part)
+                att += [1] * len(part)
+        if used != n_img:
+            _count_error(ex, n_img)
         if max_txt_len is not None:
             ids, sup, att = ids[:max_txt_len], sup[:max_txt_len], att[:max_txt_len]
-        tgt_ids.append(ids), tgt_sup.append(sup), tgt_att.append(att)
+        tgt_ids.append(ids), tgt_sup.append(sup), tgt_att.append(att), tgt_img.append(img_rows)
 
     B = len(examples)
     n_bos = 1 if add_bos else 0
@@ -149,7 +155,17 @@ def build_batch(examples: list[Example], images: list[torch.Tensor | None], toke
             mask[b, start:start + t] = torch.tensor(tgt_att[b], device=device)
             sup = torch.tensor(tgt_sup[b], device=device) & (ids != pad_token_id)
             labels[b, start:start + t] = torch.where(sup, ids, torch.full_like(ids, IGNORE_INDEX))
+            for pos, row in tgt_img[b].items():
+                if pos < t:
+                    inputs[b, start + pos] = row
     return Batch(inputs, mask, labels)
+
+
+def _count_error(ex: Example, n_img: int) -> None:
+    texts = [ex.condition or ""] + [t for t, _ in ex.targets]
+    n = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+    raise ValueError(f"prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {n_img} image(s) were given: "
+                     f"{ex.condition!r}")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
