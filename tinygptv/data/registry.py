@@ -146,7 +146,9 @@ def build_reader(name: str, data_root: str | Path, paths: Mapping[str, Any] | No
         raise ValueError(f"dataset {name!r}: unknown path argument(s) {sorted(unknown)}; valid: {sorted(spec.paths)}")
     root = Path(data_root)
     resolved = {k: _resolve(root, v) for k, v in merged.items()}
-    return spec.reader(**resolved, **{**spec.options, **options}, name=name)
+    kwargs = {**spec.options, **options}
+    kwargs.setdefault("name", name)
+    return spec.reader(**resolved, **kwargs)
 
 
 def build_mixture(config: Mapping[str, Mapping[str, Any]] | str, data_root: str | Path) -> list[MixtureDataset]:

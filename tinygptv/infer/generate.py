@@ -118,12 +118,16 @@ class StopMatcher:
 
 @torch.no_grad()
 def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int,
-                    decode=None) -> Iterator[StepEvent]:
-    """Yield :class:`StepEvent` s for a batch of prompts ``([L_i, C], mask [L_i])`` (sampling or greedy)."""
+                    decode=None, pad_id: int | None = None) -> Iterator[StepEvent]:
+    """Yield :class:`StepEvent` s for a batch of prompts ``([L_i, C], mask [L_i])`` (sampling or greedy).
+
+    ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding
+    of ``pad_id`` (default ``eos_id``), masked out anyway.
+    """
     if cfg.num_beams > 1:
         raise ValueError("use beam_search() for num_beams > 1")
     device = prompts[0][0].device
-    pad = lm.embed_tokens(torch.tensor([eos_id], device=device))[0]
+    pad = lm.embed_tokens(torch.tensor([eos_id if pad_id is None else pad_id], device=device))[0]
     embeds, mask = left_pad(prompts, pad)
     B, L, _ = embeds.shape
     max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)

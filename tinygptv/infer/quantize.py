@@ -171,7 +171,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
         if self.out_features % 16 == 0:
             if self._kernel_weight is None:
                 self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1)
