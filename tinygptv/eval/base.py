@@ -21,6 +21,7 @@ from typing import Any, Iterable, Literal
 log = logging.getLogger(__name__)
 
 MODES = ("paper", "standard")
+Scored = list[tuple[dict[str, Any], dict[str, float] | None]]  # (answer record, per-record values or None)
 
 # TinyGPT-V eval wrapper: CONV_VISION_minigptv2 via prepare_texts (evaluation.md §1, official reference §7.2):
 # system "", sep "###", roles "Human: "/"Assistant: " → no space before the 2nd "###", one trailing space.
@@ -211,7 +212,7 @@ class Benchmark(ABC):
         """Score answer records in ``mode``; every record counts, failures included."""
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; valid: {list(MODES)}")
-        scored: list[tuple[dict[str, Any], dict[str, float] | None]] = []
+        scored: Scored = []
         failures = []
         for rec in records:
             reason = rec.get("error")
@@ -228,7 +229,8 @@ class Benchmark(ABC):
         metrics = self.aggregate(scored, mode)
         return {"n": len(records), "n_failed": len(failures), "metrics": metrics, "failures": failures}
 
-    def aggregate(self, scored: list[tuple[dict[str, Any], dict[str, float] | None]], mode: str) -> dict[str, Any]:
+    def aggregate(self, scored: Scored, mode: str) -> dict[str, Any]:
+        """Mean metrics ×100 over every record (failures count 0) and summed counts."""
         n = len(scored)
         out: dict[str, Any] = {}
         for name in self.metric_names(mode):
@@ -239,6 +241,7 @@ class Benchmark(ABC):
         return out
 
 
-__all__ = ["Benchmark", "Sample", "Request", "MalformedRecord", "MODES", "PAPER_WRAPPER", "PAPER_MULTI_SELECT_WRAPPER",
+__all__ = ["Benchmark", "Scored", "Sample", "Request", "MalformedRecord", "MODES", "PAPER_WRAPPER",
+           "PAPER_MULTI_SELECT_WRAPPER",
            "PAPER_MAX_NEW_TOKENS", "VQA_SHORT_ANSWER", "paper_prompt", "upstream_cleanup", "cut_turn",
            "standard_answer", "require", "read_json_or_jsonl", "first_existing"]

@@ -15,8 +15,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     """Add the ``eval`` sub-command to ``subparsers``; its handler is ``args.func`` (= :func:`cmd_eval`)."""
     p = subparsers.add_parser("eval", help="evaluate on GQA, VSR, IconQA, VizWiz, Hateful Memes, RefCOCO(+/g)",
                               description=__doc__)
-    p.add_argument("--model", default="tiny",
-                   help="checkpoint folder, config.yaml, or preset name (random weights), loaded with tinygptv.load")
+    p.add_argument("--model", help="checkpoint folder, config.yaml, or preset name (random weights: tiny, small…), "
+                                    "loaded with tinygptv.load (required unless --score-only)")
     p.add_argument("--tokenizer", help="tokenizer folder overriding the checkpoint's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--benchmark", required=True,
@@ -40,8 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if getattr(args, "score_only", False):
         results = rescore(args.out, args.benchmark, args.mode)
     else:
-        if not args.data_root:
-            raise ValueError("--data-root is required (or use --score-only)")
+        if not args.model or not args.data_root:
+            raise ValueError("--model and --data-root are required (or use --score-only)")
         import tinygptv
 
         model = tinygptv.load(args.model, device=getattr(args, "device", "cpu"),

@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from tinygptv.eval.base import (Benchmark, MalformedRecord, Request, Sample, VQA_SHORT_ANSWER, paper_prompt, require,
-                                standard_answer, upstream_cleanup)
+from tinygptv.eval.base import (Benchmark, MalformedRecord, Request, Sample, Scored, VQA_SHORT_ANSWER, paper_prompt,
+                                require, standard_answer, upstream_cleanup)
 from tinygptv.eval.normalize import normalize_answer
 
 
@@ -77,7 +77,7 @@ class GQA(Benchmark):
         pred = standard_answer(gen).lower().rstrip(".")
         return {"accuracy": float(normalize_answer(pred) == normalize_answer(label))}
 
-    def aggregate(self, scored, mode):
+    def aggregate(self, scored: Scored, mode: str) -> dict[str, Any]:
         out = super().aggregate(scored, mode)
         if mode == "standard":
             by_type: dict[str, list[float]] = {}

@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tinygptv.eval.base import (Benchmark, MalformedRecord, Request, Sample, cut_turn, paper_prompt, require,
+from tinygptv.eval.base import (Benchmark, MalformedRecord, Request, Sample, Scored, cut_turn, paper_prompt, require,
                                 standard_answer, upstream_cleanup)
 from tinygptv.eval.metrics import NO_WORDS, YES_WORDS, auroc, extract_polarity, p_yes
 
@@ -83,7 +83,7 @@ class HatefulMemes(Benchmark):
     def count_names(self, mode: str) -> tuple[str, ...]:
         return ("n_unmatched",) if mode == "paper" else ("n_unparsable",)
 
-    def aggregate(self, scored, mode):
+    def aggregate(self, scored: Scored, mode: str) -> dict[str, Any]:
         out = super().aggregate(scored, mode)
         if mode == "standard":
             scores, labels, unknown = [], [], 0

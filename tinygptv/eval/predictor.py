@@ -39,33 +39,31 @@ class ModelPredictor:
 
     Defaults reproduce the upstream evaluator (evaluation.md §1, official reference §1.8):
 
-    - generation: no BOS (``add_bos=False``), greedy, no stop string (upstream's stopping criterion is commented
-      out, so only EOS or ``max_new_tokens`` end it) — the model's template stop strings are disabled while
-      generating; a leading token id 0 is dropped before decoding, as upstream ``generate`` does
-      (``drop_leading_token0``);
+    - generation: ``model.generate(image, prompt, max_new_tokens, chat=False)`` with no BOS (``add_bos=False``),
+      greedy, and no stop string (upstream's stopping criterion is commented out, so only EOS or
+      ``max_new_tokens`` end it): the model's template stop strings are disabled while generating;
     - log-likelihood: the training layout, BOS first (``loglikelihood_add_bos=True``), as upstream
       ``multi_select`` runs the training forward.
 
-    Known difference: upstream passes ``min_length=1``, which forbids EOS as the very first token; this adapter
-    returns ``""`` in that case (the batched engine may implement the constraint).
+    Known differences from upstream decoding, both rare: upstream passes ``min_length=1`` (EOS forbidden as the
+    very first token; here the answer is then ``""``) and drops a leading token id 0 (``!`` in Phi-2) before
+    decoding (here it is kept, as only text comes back from ``model.generate``).
 
     The model's ``add_bos`` and ``template`` are restored after every call.
     """
 
-    def __init__(self, model: Any, add_bos: bool = False, loglikelihood_add_bos: bool = True,
-                 drop_leading_token0: bool = True):
+    def __init__(self, model: Any, add_bos: bool = False, loglikelihood_add_bos: bool = True):
         if getattr(model, "tokenizer", None) is None:
             raise RuntimeError("the model has no tokenizer; load it with tinygptv.load(..., tokenizer=...)")
         self.model = model
         self.add_bos = add_bos
         self.loglikelihood_add_bos = loglikelihood_add_bos
-        self.drop_leading_token0 = drop_leading_token0
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded in ``results.json``."""
         return {"class": type(self).__name__, "model": getattr(getattr(self.model, "cfg", None), "name", None),
                 "generate_add_bos": self.add_bos, "loglikelihood_add_bos": self.loglikelihood_add_bos,
-                "drop_leading_token0": self.drop_leading_token0, "decoding": "greedy, no stop strings"}
+                "decoding": "greedy, no stop strings"}
 
     @contextmanager
     def _state(self, add_bos: bool, raw_template: bool) -> Iterator[None]:
@@ -85,10 +83,7 @@ class ModelPredictor:
         out = []
         with self._state(self.add_bos, raw_template=True):
             for image, prompt in zip(images, prompts):
-                ids = list(self.model.generate_ids(_image_arg(image), prompt, max_new_tokens, chat=False))
-                if self.drop_leading_token0 and ids and ids[0] == 0:
-                    ids = ids[1:]
-                out.append(self.model.tokenizer.decode(ids))
+                out.append(self.model.generate(_image_arg(image), prompt, max_new_tokens=max_new_tokens, chat=False))
         return out
 
     def loglikelihood(self, items: list[LLItem]) -> list[float]:
@@ -106,9 +101,9 @@ def _image_arg(image: ImageLike) -> Any:
 
 def as_predictor(model_or_predictor: Any, **kwargs: Any) -> Predictor:
     """A :class:`Predictor` as is; a model wrapped in :class:`ModelPredictor` (``kwargs`` go to it)."""
-    if isinstance(model_or_predictor, Predictor) and not hasattr(model_or_predictor, "generate_ids"):
+    if isinstance(model_or_predictor, Predictor):
         return model_or_predictor
-    if hasattr(model_or_predictor, "generate_ids") and hasattr(model_or_predictor, "loglikelihood"):
+    if hasattr(model_or_predictor, "template") and hasattr(model_or_predictor, "add_bos"):
         return ModelPredictor(model_or_predictor, **kwargs)
     raise TypeError(f"{type(model_or_predictor).__name__} is neither a Predictor (generate, loglikelihood, "
                     "count_tokens) nor a TinyGPT-V model")

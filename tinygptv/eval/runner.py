@@ -38,7 +38,8 @@ def modes_for(mode: str) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------------ predict phase
 def predict(bench: Benchmark, samples: Sequence[Sample], predictor: Predictor, answers_path: str | Path,
-            data_root: str | Path, modes: Sequence[str] = MODES, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, int]:
+            data_root: str | Path, modes: Sequence[str] = MODES,
+            batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, int]:
     """Make sure ``answers_path`` holds every output ``modes`` need for ``samples``; only missing ones are computed.
 
     Returns counts: ``predicted`` (records written with new outputs), ``skipped`` (already complete),

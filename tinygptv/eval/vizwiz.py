@@ -27,8 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tinygptv.eval.base import (Benchmark, MalformedRecord, Request, Sample, cut_turn, first_existing, paper_prompt,
-                                require, standard_answer, upstream_cleanup)
+from tinygptv.eval.base import (Benchmark, MalformedRecord, Request, Sample, Scored, cut_turn, first_existing,
+                                paper_prompt, require, standard_answer, upstream_cleanup)
 from tinygptv.eval.normalize import vqa_accuracy
 
 VIZWIZ_INSTRUCTION = ("[vqa] The question is '{}' Based on the image, answer the question with a single word or "
@@ -83,7 +83,7 @@ class VizWiz(Benchmark):
             return {"accuracy": paper_vizwiz_accuracy(cut_turn(upstream_cleanup(gen)), answers)}
         return {"accuracy": vqa_accuracy(standard_answer(gen), answers)}
 
-    def aggregate(self, scored, mode):
+    def aggregate(self, scored: Scored, mode: str) -> dict[str, Any]:
         out = super().aggregate(scored, mode)
         if mode == "standard":
             subset = [v["accuracy"] if v else 0.0 for rec, v in scored if (rec.get("gt") or {}).get("answerable") == 0]
