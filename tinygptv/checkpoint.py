@@ -23,6 +23,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from tinygptv.config import PRESETS, ModelConfig, preset
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TEMPLATE_FILE = "template.yaml"
+BASE_FILE = "base.yaml"  # trainable-only checkpoints: {base: relative path of the checkpoint they modify}
 
 
 def build_empty(cfg: ModelConfig) -> TinyGPTV:
@@ -70,6 +72,38 @@ class RandomSource:
 
     def unused(self) -> list[str]:
         return []
+
+
+class ChainSource:
+    """The first source that has a key wins: a trainable-only checkpoint on top of its base checkpoint."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self.name = " + ".join(src.name for src in sources)
+        self.all = set().union(*(getattr(src, "all", set()) for src in sources))
+
+    def take(self, key: str, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        for src in self.sources:
+            if key in src.all:
+                return src.take(key, like, module)
+        raise KeyError(key)
+
+    def unused(self) -> list[str]:
+        # keys of the top (delta) file must all be used; a base may carry tensors the delta replaced
+        top, rest = self.sources[0], self.sources[1:]
+        return sorted(set(top.unused()) | {k for src in rest for k in src.unused() if k not in top.all})
+
+
+def folder_source(folder: Path):
+    """The tensors of a checkpoint folder; a ``base.yaml`` makes it a delta over another checkpoint folder."""
+    own = FileSource(folder / WEIGHTS_FILE)
+    base_file = folder / BASE_FILE
+    if not base_file.is_file():
+        return own
+    base = (folder / yaml.safe_load(base_file.read_text())["base"]).resolve()
+    if not (base / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: its base checkpoint {base} is missing")
+    return ChainSource([own, folder_source(base)])
 
 
 class FileSource:
@@ -172,8 +206,16 @@ def init_random(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
 
 
 def save(model: TinyGPTV, folder: str | Path, tokenizer: Tokenizer | None = None,
-         template: ChatTemplate | None = None) -> Path:
-    """Write a complete checkpoint folder atomically (unmerged LoRA, unfolded projector)."""
+         template: ChatTemplate | None = None, base: str | Path | None = None, include=(), extra=None) -> Path:
+    """Write a checkpoint folder atomically (unmerged LoRA, unfolded projector).
+
+    Args:
+        base: write only the trainable tensors (``requires_grad``) and record ``base`` — a complete
+            checkpoint folder holding the frozen rest — so ``load`` can rebuild the whole model. ``include``
+            names further tensors to write (frozen ones that changed, e.g. a resized position embedding).
+        extra: ``callable(tmp_folder)`` writing more files into the checkpoint before it is published
+            (training state), so they appear atomically with it.
+    """
     from safetensors.torch import save_file
 
     if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
@@ -184,6 +226,11 @@ def save(model: TinyGPTV, folder: str | Path, tokenizer: Tokenizer | None = None
     try:
         model.cfg.to_yaml(tmp / CONFIG_FILE)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if base is not None:
+            keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(include)
+            state = {k: v for k, v in state.items() if k in keep}
+            rel = os.path.relpath(Path(base).resolve(), folder.resolve())
+            (tmp / BASE_FILE).write_text(yaml.safe_dump({"base": rel}))
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "tinygptv", "name": model.cfg.name})
         tok = tokenizer or model.tokenizer
         if tok is not None:
@@ -191,6 +238,8 @@ def save(model: TinyGPTV, folder: str | Path, tokenizer: Tokenizer | None = None
         (template or model.template).to_yaml(tmp / TEMPLATE_FILE)
         if getattr(model, "quantization", None) is not None:
             model.quantization.save(tmp)
+        if extra is not None:
+            extra(tmp)
         _replace_dir(tmp, folder)
     finally:
         if tmp.exists():
@@ -268,7 +317,7 @@ def _load_folder(folder: Path, device, dtype, quantize=None) -> TinyGPTV:
         wanted = QuantConfig(mode=quantize) if isinstance(quantize, str) else quantize
         if wanted != saved:
             raise ValueError(f"{folder} is saved quantized ({saved.mode}); it cannot be loaded as {wanted.mode}")
-    model = materialize(cfg, FileSource(folder / WEIGHTS_FILE), saved or quantize, dtype, device)
+    model = materialize(cfg, folder_source(folder), saved or quantize, dtype, device)
     if (folder / "tokenizer.json").is_file():
         model.tokenizer = Tokenizer.from_folder(folder)
     if (folder / TEMPLATE_FILE).is_file():

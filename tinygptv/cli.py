@@ -181,6 +181,99 @@ def cmd_export(args) -> int:
     return 0
 
 
+RECIPES = {"paper": ["stage1", "stage2", "stage3", "stage4"]}
+RECIPE_DIR = Path(__file__).parent / "configs" / "train"
+
+
+def cmd_train(args) -> int:
+    """Train one stage (--config) or a whole recipe (--recipe paper: stages 1→4, each from the previous)."""
+    from tinygptv.config import parse_overrides
+    from tinygptv.train.config import StageConfig
+
+    overrides = parse_overrides(args.set)
+    if bool(args.config) == bool(args.recipe):
+        raise ValueError("give exactly one of --config FILE or --recipe NAME")
+    if args.recipe and args.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {args.recipe!r}; valid: {sorted(RECIPES)}")
+    stages = [RECIPE_DIR / f"{s}.yaml" for s in RECIPES[args.recipe]] if args.recipe else [Path(args.config)]
+    init = args.init
+    out_root = Path(args.output)
+    for i, path in enumerate(stages):
+        cfg = StageConfig.from_yaml(path).with_overrides(overrides)
+        if init:
+            cfg = cfg.with_overrides({"init": str(init)})
+        if not cfg.init:
+            raise ValueError(f"{path}: no init checkpoint; pass --init (the imported base model, or a preset)")
+        out = out_root / cfg.stage if len(stages) > 1 else out_root
+        if _check_memory(cfg, args.dry_run, args.force) and not args.dry_run:
+            from tinygptv.train.loop import train
+
+            if len(stages) > 1 and (out / "final" / "config.yaml").is_file() and not args.resume:
+                print(f"{cfg.stage}: already trained ({out / 'final'}), skipping")
+            else:
+                train(cfg, args.data_root, out, resume=args.resume)
+            init = out / "final"
+    return 0
+
+
+def _check_memory(cfg, dry_run: bool, force: bool) -> bool:
+    """Print the memory estimate for ``--dry-run``; refuse a run that cannot fit a known device."""
+    from dataclasses import asdict
+
+    import tinygptv
+    from tinygptv.train.loop import pick_device
+    from tinygptv.train.memory import available_bytes, estimate
+
+    device = pick_device(cfg.run.device, 0)
+    model_cfg = _stage_model_config(cfg)
+    model = tinygptv.build_empty(model_cfg)
+    model.set_trainable(**asdict(cfg.trainable))
+    est = estimate(model_cfg, model, cfg, device)
+    free = available_bytes(device)
+    fits = free is None or est.total <= free
+    if dry_run:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{cfg.stage}: {model_cfg.name}, {n:,} trainable parameters, device {device}")
+        print(est.table())
+        print(f"  {'available on the device':<40} " + (f"{free / 2**30:8.2f} GiB" if free else "unknown"))
+        print("  fits" if fits else "  DOES NOT FIT")
+    elif not fits and not force:
+        raise ValueError(f"{cfg.stage}: estimated {est.total / 2**30:.1f} GiB > {free / 2**30:.1f} GiB available on "
+                         f"{device}; lower the batch size, enable run.grad_checkpointing, or pass --force")
+    return fits
+
+
+def _stage_model_config(cfg):
+    import tinygptv
+    from tinygptv.config import ModelConfig
+
+    if cfg.init in tinygptv.PRESETS:
+        base = tinygptv.preset(cfg.init)
+    elif cfg.init.endswith((".yaml", ".yml")):
+        base = ModelConfig.from_yaml(cfg.init)
+    else:
+        base = ModelConfig.from_yaml(Path(cfg.init) / "config.yaml")
+    return base.replace(**cfg.model)
+
+
+def cmd_data(args) -> int:
+    """Validate a custom JSONL file (file:line errors + statistics) or convert LLaVA JSON to it."""
+    from tinygptv.data.custom import check_jsonl, convert_llava_json
+
+    if args.data_command == "check":
+        tok = None
+        if args.tokenizer:
+            from tinygptv.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_folder(args.tokenizer)
+        report = check_jsonl(args.file, args.image_root, tok)
+        print(report.summary())
+        return 0 if report.ok else 1
+    result = convert_llava_json(args.src, args.dst)
+    print(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinygptv", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -213,6 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="stage4", help="chat template saved with the checkpoint")
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("--config", help="one stage's YAML (see configs/train/)")
+    p.add_argument("--recipe", help="a whole recipe: " + ", ".join(RECIPES))
+    p.add_argument("--init", help="checkpoint folder or preset the (first) stage starts from")
+    p.add_argument("--data-root", default=".", help="root of the datasets' published layouts")
+    p.add_argument("--output", default="runs/train", help="output folder (one sub-folder per stage for recipes)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. run.max_epoch=1")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--dry-run", action="store_true", help="print the memory estimate and stop")
+    p.add_argument("--force", action="store_true", help="start even if the memory estimate does not fit")
+
+    p = sub.add_parser("data", help=cmd_data.__doc__)
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("check", help="validate a custom JSONL file")
+    q.add_argument("file")
+    q.add_argument("--image-root", help="folder relative image paths resolve against (default: the file's folder)")
+    q.add_argument("--tokenizer", help="tokenizer folder for token-length statistics")
+    q = dsub.add_parser("convert-llava", help="LLaVA JSON → custom JSONL")
+    q.add_argument("src")
+    q.add_argument("dst")
+
+    from tinygptv.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("export", help=cmd_export.__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--layout", choices=["split", "fused"], default="split",
@@ -221,14 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"info": cmd_info, "ask": cmd_ask, "chat": cmd_chat, "import": cmd_import, "export": cmd_export}
+COMMANDS = {"info": cmd_info, "ask": cmd_ask, "chat": cmd_chat, "import": cmd_import, "export": cmd_export,
+            "train": cmd_train, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        handler = COMMANDS.get(args.command) or args.func
+        return handler(args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
