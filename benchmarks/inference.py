@@ -114,7 +114,6 @@ def bench_ours(cfg, mode: str, tokens: int) -> dict:
     out = {"build_s": time.perf_counter() - t}
     model = engine.model
     lm = model.lm
-    C = cfg.lm.hidden
     g = torch.Generator().manual_seed(1)
 
     def prompt(n: int):
@@ -149,7 +148,6 @@ def bench_ours(cfg, mode: str, tokens: int) -> dict:
 
     out["lm_weight_bytes"] = quantized_bytes(lm) - _embedding_bytes(lm)
     out["model_bytes"] = quantized_bytes(model)
-    del C
     return out
 
 

@@ -138,20 +138,21 @@ class TinyGPTV(nn.Module):
         self.projector.fold()
 
     def set_trainable(self, lora: bool = True, norms: bool = True, projector: bool = True,
-                      qformer: bool = False, vision: bool = False) -> int:
+                      qformer: bool = False, vision: bool = False, input_norm: bool = True, lm: bool = False) -> int:
         """Freeze everything, then unfreeze the reference's trainable sets (§2.4); returns the trainable count.
 
         ``norms`` = the *weights* (never biases) of every layer's input LayerNorm, QK LayerNorms, post-attention
-        RMSNorm and the final LayerNorm. ``qformer`` also unfreezes ``query_tokens`` (upstream v0 stage 4).
+        RMSNorm and the final LayerNorm (``input_norm=False`` leaves the input LayerNorms frozen: the paper's
+        "w/o input LayerNorm" ablation). ``qformer`` also unfreezes ``query_tokens`` (upstream v0 stage 4);
+        ``lm`` unfreezes the whole language model (stage-0 pretraining of the nano model only).
         """
         self.requires_grad_(False)
         for name, p in self.lm.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if lora and leaf in ("lora_A", "lora_B"):
                 p.requires_grad_(True)
-            if norms and leaf == "weight" and any(
-                    f".{n}." in f".{name}" for n in ("input_layernorm", "q_norm", "k_norm", "post_attn_norm",
-                                                     "final_layernorm")):
+            kinds = ("q_norm", "k_norm", "post_attn_norm", "final_layernorm") + (("input_layernorm",) if input_norm else ())
+            if lm or (norms and leaf == "weight" and any(f".{n}." in f".{name}" for n in kinds)):
                 p.requires_grad_(True)
         self.projector.requires_grad_(projector)
         self.qformer.requires_grad_(qformer)

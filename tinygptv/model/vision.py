@@ -136,22 +136,26 @@ class EVAViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
         """Encode images.
 
         Args:
-            images: ``[B, C, S, S]`` with ``S == cfg.image_size``.
+            images: ``[B, C, S, S]`` with ``S == cfg.image_size``, or any multiple of the patch size when
+                ``interpolate_pos`` (positions resized on the fly, differentiably — for multi-resolution training).
 
         Returns:
             ``[B, 1 + g², W]`` with ``g = S // patch_size``.
         """
         size = self.cfg.image_size
+        pos = self.pos_embed
         if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"expected {size}x{size} images, got {tuple(images.shape[-2:])}; "
-                             f"call VisionEncoder.set_image_size to change the resolution")
+            if not interpolate_pos or images.shape[-1] != images.shape[-2]:
+                raise ValueError(f"expected {size}x{size} images, got {tuple(images.shape[-2:])}; "
+                                 f"call VisionEncoder.set_image_size to change the resolution")
+            pos = interpolate_pos_embed(pos, images.shape[-1] // self.cfg.patch_size)
         x = self.patch_embed(images)  # [B, g², W]
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)  # [B, 1, W]
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # [B, 1 + g², W]
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # [B, 1 + g², W]
         for block in self.blocks:
             x = block(x)
         return x
@@ -175,9 +179,9 @@ class VisionEncoder(nn.Module):
         self.vit = EVAViT(cfg)
         self.ln_vision = LayerNormFp32(cfg.width, eps=cfg.ln_vision_eps)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
         """``[B, 3, S, S]`` → ``[B, 1 + g², W]``."""
-        return self.ln_vision(self.vit(images))
+        return self.ln_vision(self.vit(images, interpolate_pos))
 
     @torch.no_grad()
     def set_image_size(self, size: int) -> None:

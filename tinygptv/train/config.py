@@ -31,6 +31,8 @@ class Trainable:
     projector: bool = True
     qformer: bool = False
     vision: bool = False
+    input_norm: bool = True  # False: the paper's "w/o input LayerNorm" ablation
+    lm: bool = False  # the whole LM (nano stage 0 only)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -297,4 +296,4 @@ def _progress(total: int, start: int, rank: int, desc: str):
     return tqdm(total=total, initial=start, desc=desc, disable=rank != 0, dynamic_ncols=True, mininterval=1.0)
 
 
-__all__ = ["train", "TrainingStopped", "lr_at", "param_groups", "math"]
+__all__ = ["train", "TrainingStopped", "lr_at", "param_groups"]

@@ -344,7 +344,7 @@ def _convert_hf(conv: _Converter, sd: Tensors, layout: str) -> list[str]:
 
 def _convert_msft(conv: _Converter) -> None:
     cfg = conv.cfg
-    C, H = cfg.hidden, cfg.heads
+    H = cfg.heads
     conv.copy("transformer.embd.wte.weight", "embed_tokens.weight")
     for i in range(cfg.layers):
         s, d = f"transformer.h.{i}.", f"layers.{i}."

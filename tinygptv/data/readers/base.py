@@ -272,3 +272,16 @@ def records_of_list(path: Path, data: Any, key: str | None = None) -> Iterator[t
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
         yield f"{path}: record {i}", rec
+
+
+class AnnotatedImageReader(MapReader):
+    """A map reader over one annotation file plus an image folder (the common layout)."""
+
+    def __init__(self, ann_path: PathLike, image_root: PathLike, *, template: ChatTemplate | str | None = None,
+                 name: str | None = None):
+        self.ann_path, self.image_root = Path(ann_path), Path(image_root)
+        super().__init__(template=template, name=name)
+
+    def layout(self) -> list[tuple[str, Path, str]]:
+        return [("annotation file", self.ann_path, "file"), ("image folder", self.image_root, "dir")]
+

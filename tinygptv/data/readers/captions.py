@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygptv.data.processors import ALIGNMENT_PROMPTS, CAPTION_PROMPTS, blip_caption
-from tinygptv.data.readers.base import (BadRecord, MapReader, PathLike, Reader, Sample, field, ident, log,
+from tinygptv.data.readers.base import (AnnotatedImageReader, BadRecord, MapReader, PathLike, Reader, Sample, field, ident, log,
                                         read_json, records_of_list, text)
 from tinygptv.model.sequence import Example
 from tinygptv.templates import ChatTemplate
@@ -208,18 +208,10 @@ class CcSbuAlignReader(MapReader):
         return Sample(str(self.root / "image" / f"{image_id}.jpg"), example, {"image_id": image_id})
 
 
-class _CaptionInstructReader(MapReader):
+class _CaptionInstructReader(AnnotatedImageReader):
     """Stage-4 captioning: ``[caption] {random caption prompt}`` → blip-processed caption."""
 
     task = "[caption]"
-
-    def __init__(self, ann_path: PathLike, image_root: PathLike, *, template: ChatTemplate | str | None = None,
-                 name: str | None = None):
-        self.ann_path, self.image_root = Path(ann_path), Path(image_root)
-        super().__init__(template=template, name=name)
-
-    def layout(self) -> list[tuple[str, Path, str]]:
-        return [("annotation file", self.ann_path, "file"), ("image folder", self.image_root, "dir")]
 
     def build(self, entry: Any, rng: random.Random, batch: Any) -> Sample:
         file_name, caption, image_id = entry

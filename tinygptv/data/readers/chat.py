@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygptv.data.processors import blip_caption
-from tinygptv.data.readers.base import (BadRecord, MapReader, PathLike, Sample, field, ident, read_json,
+from tinygptv.data.readers.base import (AnnotatedImageReader, BadRecord, MapReader, PathLike, Sample, field, ident, read_json,
                                         records_of_list, text)
 from tinygptv.model.sequence import multi_turn
 from tinygptv.templates import ChatTemplate
@@ -41,16 +41,8 @@ def conversation_turns(rec: Any) -> list[str]:
     return values
 
 
-class _LlavaBase(MapReader):
+class _LlavaBase(AnnotatedImageReader):
     """LLaVA-format json (``[{id, image, conversations: [{from, value}]}]``); image ``COCO_train2014_{id}.jpg``."""
-
-    def __init__(self, ann_path: PathLike, image_root: PathLike, *, template: ChatTemplate | str | None = None,
-                 name: str | None = None):
-        self.ann_path, self.image_root = Path(ann_path), Path(image_root)
-        super().__init__(template=template, name=name)
-
-    def layout(self) -> list[tuple[str, Path, str]]:
-        return [("annotation file", self.ann_path, "file"), ("image folder", self.image_root, "dir")]
 
     def load(self) -> list[Any]:
         return self.collect(records_of_list(self.ann_path, read_json(self.ann_path)),

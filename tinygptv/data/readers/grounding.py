@@ -15,7 +15,7 @@ from typing import Any
 
 from tinygptv.data.processors import (DETECTION_PROMPTS, GROUNDING_PROMPTS, IDENTIFY_PROMPTS, REFER_PROMPTS,
                                       blip_caption, box_to_text)
-from tinygptv.data.readers.base import (BadRecord, MapReader, PathLike, Sample, field, ident, image_size,
+from tinygptv.data.readers.base import (AnnotatedImageReader, BadRecord, MapReader, PathLike, Sample, field, ident, image_size,
                                         number_list, read_json, records_of_list, safe_pickle_load, text)
 from tinygptv.templates import ChatTemplate
 
@@ -166,16 +166,8 @@ class VisualGenomeReader(MapReader):
         return Sample(str(path), example, {"image_id": image_id})
 
 
-class _FlickrReader(MapReader):
+class _FlickrReader(AnnotatedImageReader):
     """Flickr30k-derived json lists; image ``{image_id}.jpg`` under ``image_root``; answers are raw text."""
-
-    def __init__(self, ann_path: PathLike, image_root: PathLike, *, template: ChatTemplate | str | None = None,
-                 name: str | None = None):
-        self.ann_path, self.image_root = Path(ann_path), Path(image_root)
-        super().__init__(template=template, name=name)
-
-    def layout(self) -> list[tuple[str, Path, str]]:
-        return [("annotation file", self.ann_path, "file"), ("image folder", self.image_root, "dir")]
 
     def load(self) -> list[Any]:
         return self.collect(records_of_list(self.ann_path, read_json(self.ann_path)),
