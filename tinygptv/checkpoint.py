@@ -40,6 +40,7 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TEMPLATE_FILE = "template.yaml"
 BASE_FILE = "base.yaml"  # trainable-only checkpoints: {base: relative path of the checkpoint they modify}
+BUNDLED = {"nano": Path(__file__).parent / "assets" / "nano"}  # models shipped inside the package
 
 
 def build_empty(cfg: ModelConfig) -> TinyGPTV:
@@ -264,8 +265,8 @@ def load(path_or_preset: str | Path | ModelConfig, device: str | torch.device = 
     """Load a checkpoint folder, or build a named preset (``tiny``, ``small``, ``tinygptv-phi2``…) with random weights.
 
     Args:
-        path_or_preset: a folder written by :func:`save` / ``tinygptv import``, a ``config.yaml``, a preset name,
-            or a :class:`ModelConfig` (random weights).
+        path_or_preset: a folder written by :func:`save` / ``tinygptv import``, ``"nano"`` (the model bundled with
+            the package), a ``config.yaml``, a preset name, or a :class:`ModelConfig` (random weights).
         dtype: cast floating weights (default: as stored; fp32 for random presets).
         quantize: ``None | "bf16" | "int8" | "int4"`` or a :class:`tinygptv.infer.quantize.QuantConfig`;
             quantized checkpoints (with ``quantization.yaml``) load quantized without it.
@@ -274,6 +275,11 @@ def load(path_or_preset: str | Path | ModelConfig, device: str | torch.device = 
     Returns:
         the model in eval mode, with ``tokenizer`` and ``template`` attached.
     """
+    if isinstance(path_or_preset, str) and path_or_preset in BUNDLED:
+        if not (BUNDLED[path_or_preset] / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"the bundled {path_or_preset!r} model is missing from this installation "
+                                    f"({BUNDLED[path_or_preset]}); train it with `tinygptv train --recipe nano`")
+        path_or_preset = BUNDLED[path_or_preset]
     if isinstance(path_or_preset, ModelConfig):
         cfg = path_or_preset
     elif Path(path_or_preset).is_dir():

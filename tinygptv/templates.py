@@ -28,10 +28,13 @@ class ChatTemplate:
     user_format: str
     end_sym: str
     stop: tuple[str, ...] = ()
+    trailing_space: bool = True  # the datasets' "<Img><ImageHere></Img> {text} " (the eval wrapper has none)
 
     def instruction(self, text: str, with_image: bool) -> str:
         """The dataset-side instruction: ``"<Img><ImageHere></Img> {text} "`` (trailing space as upstream)."""
-        return f"{IMAGE_PROMPT} {text} " if with_image else text
+        if not with_image:
+            return text
+        return f"{IMAGE_PROMPT} {text}" + (" " if self.trailing_space else "")
 
     def user_turn(self, text: str, with_image: bool) -> str:
         return self.user_format.format(self.instruction(text, with_image))
@@ -48,7 +51,7 @@ class ChatTemplate:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ChatTemplate":
         data = yaml.safe_load(Path(path).read_text())
-        unknown = set(data) - {"name", "user_format", "end_sym", "stop"}
+        unknown = set(data) - {"name", "user_format", "end_sym", "stop", "trailing_space"}
         if unknown:
             raise ValueError(f"{path}: unknown template key(s) {sorted(unknown)}")
         data["stop"] = tuple(data.get("stop", ()))
@@ -62,6 +65,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "stage3": ChatTemplate("stage3", "###Human: {} ###Assistant: ", "###"),
     # stage 4 (MiniGPT-v2 chat template, no <s> text for Phi)
     "stage4": ChatTemplate("stage4", "[INST] {} [/INST]", "###"),
+    # the benchmark evaluation wrapper of upstream (CONV_VISION_minigptv2): "###Human: <Img><ImageHere></Img> {q}###Assistant: "
+    "eval": ChatTemplate("eval", "###Human: {}###Assistant: ", "###", trailing_space=False),
 }
 
 

@@ -27,6 +27,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--mode", choices=MODE_CHOICES, default="both", help="scoring mode(s) to compute and report")
     p.add_argument("--out", default="eval-results", help="output folder (answers.jsonl per benchmark, results.*)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--bos", choices=["none", "training"], default="none",
+                   help="generation prompt start: none = upstream's evaluator (no BOS, reference §9.6); training = "
+                        "BOS first as in the training layout (recorded in results.json)")
     p.add_argument("--score-only", action="store_true",
                    help="re-score the existing answers files in --out (no model, no data)")
     p.set_defaults(func=cmd_eval)
@@ -46,6 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model = tinygptv.load(args.model, device=getattr(args, "device", "cpu"),
                               tokenizer=getattr(args, "tokenizer", None))
+        from tinygptv.eval.predictor import ModelPredictor
+
+        model = ModelPredictor(model, add_bos=getattr(args, "bos", "none") == "training")
         results = run_eval(model, args.benchmark, args.data_root, args.out, limit=args.limit, mode=args.mode,
                            batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE), model_name=str(args.model))
     print(format_table(results))

@@ -1,0 +1,89 @@
+"""Evaluate a nano model on the synthetic world's held-out sets.
+
+- The benchmark-format sets (GQA-, VSR-, VizWiz-, HM-, IconQA-, RefCOCO-style) go through the real evaluators
+  (``tinygptv.eval.run_eval``, both scoring modes) plus a per-category breakdown (colour / shape / count / …).
+- Two checks the benchmarks do not cover, on the RefCOCO-style val scenes:
+  *identify* (box → object: correct when the answer names the object's colour and shape) and *captions*
+  (``[caption]``: recall of the scene's shapes and colours among the words of the caption, and how many
+  named shapes are not in the scene).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import tinygptv
+from tinygptv.infer.engine import Engine
+from tinygptv.infer.generate import GenerationConfig
+
+SETS = "gqa,vsr,vizwiz,hm,iconqa,refcoco_val,refcoco_testA,refcoco_testB"
+
+
+def _scenes(eval_root: Path) -> dict[str, dict]:
+    rows = [json.loads(x) for x in (eval_root / "scenes.jsonl").read_text().splitlines() if x]
+    return {r["scene"]["id"]: r for r in rows}
+
+
+def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = None,
+                         batch: int = 16) -> dict[str, Any]:
+    """Identify accuracy and caption object recall / hallucination on the RefCOCO-style val items."""
+    from tinygptv.synth.text import box_text
+    from tinygptv.synth.world import SHAPES, Scene
+
+    meta = json.loads((eval_root / "meta.json").read_text())
+    items = list(meta["sets"]["refcoco_val"]["items"].values())[:limit]
+    scenes = _scenes(eval_root)
+    cfg = GenerationConfig(max_new_tokens=24)
+    hits = 0
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        reqs, gold = [], []
+        for it in chunk:
+            scene = Scene.from_dict(scenes[it["scene"]]["scene"])
+            obj = next(o for o in scene.objects if list(o.box) == it["bbox"])
+            q = f"[identify] what object is in this location {box_text(scene, obj)}"
+            reqs.append(engine.chat_request(q, [eval_root / it["image"]]))
+            gold.append(obj)
+        for res, obj in zip(engine.generate(reqs, cfg), gold):
+            words = set(re.findall(r"[a-z]+", res.text.lower()))
+            hits += obj.colour in words and obj.shape in words
+    seen, recall_hits, recall_total, extra = set(), 0, 0, 0
+    cap_reqs, cap_scenes = [], []
+    for it in items:
+        if it["scene"] in seen:
+            continue
+        seen.add(it["scene"])
+        cap_reqs.append(engine.chat_request("[caption] Briefly describe this image.", [eval_root / it["image"]]))
+        cap_scenes.append(Scene.from_dict(scenes[it["scene"]]["scene"]))
+    for start in range(0, len(cap_reqs), batch):
+        results = engine.generate(cap_reqs[start:start + batch], GenerationConfig(max_new_tokens=48))
+        for res, scene in zip(results, cap_scenes[start:start + batch]):
+            words = set(re.findall(r"[a-z]+", res.text.lower()))
+            for o in scene.objects:
+                recall_total += 2
+                recall_hits += (o.shape in words) + (o.colour in words)
+            extra += len({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})
+    return {"identify_accuracy": 100.0 * hits / max(1, len(items)), "identify_n": len(items),
+            "caption_object_recall": 100.0 * recall_hits / max(1, recall_total),
+            "caption_hallucinated_shapes_per_caption": extra / max(1, len(cap_reqs)), "caption_n": len(cap_reqs)}
+
+
+def evaluate(model: str | Path | tinygptv.TinyGPTV, world: str | Path, out: str | Path, limit: int | None = None,
+             quantize: str | None = None, sets: str = SETS) -> dict[str, Any]:
+    """All nano metrics for ``model`` → ``out/summary.json`` (and the evaluators' results files)."""
+    from tinygptv.eval.runner import run_eval
+    from tinygptv.synth.evalsets import category_breakdown
+
+    world, out = Path(world), Path(out)
+    if not isinstance(model, tinygptv.TinyGPTV):
+        model = tinygptv.load(model, quantize=quantize)
+    eval_root = world / "eval"
+    results = run_eval(model, sets, eval_root, out, limit=limit, mode="both", batch_size=16)
+    breakdown = category_breakdown(eval_root / "meta.json", out)
+    extra = identify_and_caption(Engine(model), eval_root, limit)
+    summary = {"results": results, "categories": breakdown, **extra, "quantize": quantize or "none"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary

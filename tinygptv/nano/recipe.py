@@ -1,0 +1,151 @@
+"""The nano recipe: synthetic world → stage 0 (backbones) → the paper's stages 1→4 → evaluation → bundle.
+
+Stages 1–4 run the paper's own stage configs (``configs/train/stage{1..4}.yaml``: trainable sets, templates,
+task tags, schedules, datasets and their ratios) with the nano overrides below — smaller batches, fewer steps,
+learning rates ×10 (a 3 M-parameter LM tolerates and needs larger steps), image sizes 64 → 128 px instead of
+224 → 448 (the same doubling). Every step is skipped when its output already exists, so an interrupted
+recipe continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import tinygptv
+from tinygptv.config import LMConfig, LoRAConfig, ModelConfig, ProjectorConfig, QFormerConfig, VisionConfig
+from tinygptv.nano import stage0
+from tinygptv.train.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+RECIPE_DIR = Path(tinygptv.__file__).parent / "configs" / "train"
+SIZES = (64, 128)  # stages 1-3, stage 4
+
+
+def nano_config(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        name="tinygptv-nano",
+        vision=VisionConfig(image_size=SIZES[0], patch_size=8, width=128, depth=4, heads=4, mlp_dim=512),
+        qformer=QFormerConfig(hidden=128, layers=2, heads=4, mlp_dim=512, num_queries=16),
+        projector=ProjectorConfig(hidden=256),
+        lm=LMConfig(vocab_size=-(-vocab_size // 64) * 64, hidden=256, layers=4, heads=8, mlp_dim=768,
+                    partial_rotary_factor=0.5, max_position_embeddings=512, resid_dropout=0.0,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0),
+        lora=LoRAConfig(r=8, alpha=16.0, dropout=0.0),
+    )
+
+
+# (steps are multiplied by ``steps_scale``); batch sizes replace the paper's per-dataset ones
+STAGE_OVERRIDES: dict[str, dict] = {
+    "stage1": {"run.max_epoch": 3, "run.iters_per_epoch": 100, "optim.warmup_steps": 100, "optim.warmup_lr": 1e-4,
+               "optim.init_lr": 1e-3, "optim.min_lr": 8e-4, "batch": 16},
+    "stage2": {"run.max_epoch": 2, "run.iters_per_epoch": 150, "optim.warmup_steps": 150, "optim.warmup_lr": 1e-5,
+               "optim.init_lr": 1e-3, "optim.min_lr": 8e-4, "batch": 16, "run.grad_checkpointing": False},
+    "stage3": {"run.max_epoch": 2, "run.iters_per_epoch": 50, "optim.warmup_steps": 20, "optim.warmup_lr": 1e-5,
+               "optim.init_lr": 3e-4, "optim.min_lr": 1e-4, "batch": 8},
+    "stage4": {"run.max_epoch": 1, "run.iters_per_epoch": 1500, "optim.warmup_steps": 100, "optim.warmup_lr": 1e-5,
+               "optim.init_lr": 1e-3, "optim.min_lr": 1e-4, "batch": 6, "model.vision.image_size": SIZES[1],
+               "data.max_txt_len": 128, "run.grad_checkpointing": False},
+}
+
+
+def stage_config(name: str, init: str | Path, steps_scale: float) -> StageConfig:
+    over = dict(STAGE_OVERRIDES[name])
+    batch = over.pop("batch")
+    over["run.iters_per_epoch"] = max(1, round(over["run.iters_per_epoch"] * steps_scale))
+    over["optim.warmup_steps"] = max(1, min(round(over["optim.warmup_steps"] * steps_scale),
+                                            over["run.iters_per_epoch"]))
+    over.update({"init": str(init), "run.amp": "none", "run.device": "cpu", "data.num_workers": 0,
+                 "run.log_every": 10, "run.keep_checkpoints": 1})
+    cfg = StageConfig.from_yaml(RECIPE_DIR / f"{name}.yaml").with_overrides(over)
+    cfg.data.mixture = {k: {**v, "batch_size": max(1, round(batch * v["batch_size"] / _max_batch(cfg)))}
+                        for k, v in cfg.data.mixture.items()}
+    return cfg
+
+
+def _max_batch(cfg: StageConfig) -> int:
+    return max(v["batch_size"] for v in cfg.data.mixture.values())
+
+
+def scene_pairs(seed: int, size: int):
+    """(image, dense grounded description) pairs of fresh scenes for stage-0 vision pretraining."""
+    from tinygptv.synth.render import render
+    from tinygptv.synth.text import detail, grounded_caption
+    from tinygptv.synth.world import sample_scene
+
+    counter = iter(range(10**9))
+
+    def pairs(rng: random.Random, n: int):
+        out = []
+        for _ in range(n):
+            scene = sample_scene(rng, f"s0-{seed}-{next(counter)}", image_size=size)
+            text = grounded_caption(scene, rng) if rng.random() < 0.5 else detail(scene)
+            out.append((render(scene), text))
+        return out
+
+    return pairs
+
+
+def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: float = 1.0,
+        eval_size: int = 200) -> dict:
+    """Run (or continue) the whole nano recipe under ``out``; returns a summary with timings and accuracies."""
+    from tinygptv.synth.generate import generate_world
+    from tinygptv.train.loop import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    world = out / "world"
+    if not (world / "world.json").is_file():
+        generate_world(world, seed=seed, scale=world_scale, eval_size=eval_size, force=True)
+    timings["synth"] = time.perf_counter() - t
+
+    base = out / "stage0" / "base"
+    if not (base / "config.yaml").is_file():
+        t = time.perf_counter()
+        lines = (world / "corpus.txt").read_text(encoding="utf-8").splitlines()
+        tok = stage0.train_tokenizer(lines, 1024, out / "stage0" / "tokenizer")
+        cfg = nano_config(tok.vocab_size)
+        lm_state = stage0.pretrain_lm(cfg, tok, lines, steps=max(2, round(1500 * steps_scale)), seed=seed)
+        timings["stage0_lm"] = time.perf_counter() - t
+        t = time.perf_counter()
+        vis, qf = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
+                                         steps=max(2, round(2000 * steps_scale)), seed=seed)
+        stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed)
+        timings["stage0_vision"] = time.perf_counter() - t
+    init: Path = base
+    for name in ("stage1", "stage2", "stage3", "stage4"):
+        t = time.perf_counter()
+        final = out / name / "final"
+        if not (final / "config.yaml").is_file():
+            train(stage_config(name, init, steps_scale), world, out / name, resume=True)
+        timings[name] = time.perf_counter() - t
+        init = final
+    summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "final": str(init)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def losses(out: Path) -> dict[str, float | None]:
+    """Final logged loss of every stage (from its metrics.jsonl)."""
+    res = {}
+    for name in ("stage1", "stage2", "stage3", "stage4"):
+        path = out / name / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x] if path.is_file() else []
+        finite = [r["loss"] for r in rows if r.get("loss") is not None]
+        res[name] = finite[-1] if finite else None
+    return res
+
+
+def bundle(final: str | Path, dest: str | Path) -> Path:
+    """Write the final model as a complete (base-free) checkpoint, e.g. into the package's assets."""
+    model = tinygptv.load(final)
+    return tinygptv.save(model, dest)
+
+
+__all__ = ["run", "nano_config", "stage_config", "bundle", "losses"]

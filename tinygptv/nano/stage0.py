@@ -1,0 +1,174 @@
+"""Stage 0 of the nano model: bootstrap the backbones the paper takes pretrained (EVA ViT, Q-Former, Phi-2).
+
+1. **Tokenizer**: a byte-level BPE trained on the world's text (``<|endoftext|>`` = id 0 = BOS = EOS = pad, as
+   Phi-2's 50256 plays all three roles).
+2. **Language model**: a plain Phi decoder (no QK-norm, no post-attention RMSNorm, no LoRA — like the public
+   Phi-2) pretrained as a causal LM on the world's text.
+3. **Vision tower**: ViT + Q-Former (+ a throw-away projection) trained BLIP-2-style through the *frozen*
+   pretrained LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
+   embedding is stored at the stage-1–3 grid and upsampled bicubically for stage-4 images, exactly what
+   ``set_image_size`` does later).
+4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
+   the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0, fresh random
+   projections (§1.4) — then frozen by the paper's stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import tinygptv
+from tinygptv.config import ModelConfig
+from tinygptv.image import preprocess
+from tinygptv.model.phi import PhiLM
+from tinygptv.model.sequence import Example, build_batch, causal_lm_loss
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.templates import get_template
+from tinygptv.tokenizer import EOS_TOKEN, Tokenizer
+from tinygptv.weights.common import ImportReport, assign_tensors
+from tinygptv.weights.official import init_missing
+from tinygptv.weights.phi import PHI_ABSENT_OK
+
+log = logging.getLogger(__name__)
+
+PairFn = Callable[[random.Random, int], list[tuple[Image.Image, str]]]
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, out: Path) -> Tokenizer:
+    """Byte-level BPE on ``lines`` with ``<|endoftext|>`` at id 0; saved as ``out/tokenizer.json``."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
+                            show_progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe.save(str(out / "tokenizer.json"))
+    tok = Tokenizer.from_folder(out)
+    if tok.eos_id != 0:
+        raise RuntimeError("tokenizer: <|endoftext|> must be id 0")
+    return tok
+
+
+def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, batch: int = 32,
+                seq_len: int = 96, lr: float = 2e-3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Causal-LM pretraining of the plain Phi decoder on ``lines``; returns its state dict."""
+    torch.manual_seed(seed)
+    plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
+    lm = PhiLM(plain)
+    _init_(lm, seed)
+    stream = []
+    for line in lines:
+        stream += tok.encode(line) + [tok.eos_id]
+    data = torch.tensor(stream)
+    if data.numel() <= seq_len + 1:
+        raise ValueError("corpus too small for the sequence length")
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(seed)
+    lm.train()
+    bar = tqdm(range(steps), desc="stage0 LM", mininterval=2.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+        starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()])
+        logits = lm(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    log.info("stage0 LM: final loss %.3f", loss.item())
+    return {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+
+def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
+                    steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
+                    seed: int = 0) -> tuple[dict, dict]:
+    """Train ViT + Q-Former (+ a temporary projection) through the frozen plain LM on (image, text) pairs.
+
+    ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
+    Returns the ViT+``ln_vision`` and Q-Former state dicts.
+    """
+    torch.manual_seed(seed)
+    plain = replace(cfg, lm=replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0),
+                    lora=replace(cfg.lora, r=0))
+    model = TinyGPTV(plain)
+    _init_(model, seed)
+    model.lm.load_state_dict(lm_state)
+    model.tokenizer = tok
+    model.set_trainable(lora=False, norms=False, projector=True, qformer=True, vision=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    rng = random.Random(seed)
+    model.train()
+    model.lm.eval()
+    bar = tqdm(range(steps), desc="stage0 vision", mininterval=2.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+        size = sizes[step % len(sizes)]
+        items = pairs(rng, batch)
+        px = torch.stack([preprocess(im, size) for im, _ in items])
+        feats = model.vision(px, interpolate_pos=True)  # [B, 1+g², W]
+        emb = model.projector(model.qformer(feats))  # [B, Q, C]
+        examples = [Example(None, [(text + "\n", True)]) for _, text in items]
+        b = build_batch(examples, [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0, max_txt_len=96)
+        loss = causal_lm_loss(model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask), b.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", size=size)
+    log.info("stage0 vision: final loss %.3f", loss.item())
+    return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
+            {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
+
+
+def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state: dict, qformer_state: dict,
+                  out: Path, seed: int = 0) -> Path:
+    """The TinyGPT-V base checkpoint from the stage-0 parts, assembled like an official import."""
+    with torch.device("meta"):
+        model = TinyGPTV(cfg)
+    report = ImportReport(source="stage 0")
+    assign_tensors(model.vision, vision_state, report, prefix="vision.")
+    assign_tensors(model.qformer, qformer_state, report, prefix="qformer.")
+    assign_tensors(model.lm, lm_state, report, absent_ok=PHI_ABSENT_OK, prefix="lm.")
+    assign_tensors(model.projector, {}, report, absent_ok=[r".*"], prefix="projector.")
+    report.raise_if_bad()
+    init_missing(model, seed)
+    model.tokenizer = tok
+    model.template = get_template("stage4")
+    return tinygptv.save(model, out)
+
+
+@torch.no_grad()
+def _init_(module: torch.nn.Module, seed: int) -> None:
+    """GPT-style init for training from scratch: N(0, 0.02) weights, zero biases, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name or "ln_" in name or "LayerNorm" in name:
+            p.fill_(1.0 if leaf == "weight" else 0.0)
+        elif leaf == "bias" or leaf.endswith("_bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)

@@ -1,0 +1,7 @@
+"""``python -m tinygptv.serve [options]``: same as ``tinygptv serve``."""
+
+import sys
+
+from tinygptv.serve.cli import main
+
+sys.exit(main())
