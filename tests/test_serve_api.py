@@ -379,7 +379,7 @@ def test_worker_waits_for_returning_clients_but_not_for_a_lone_one(engine):
     from tinygptv.serve.worker import BatchWorker, Done, Job
 
     generate, gate, sizes = gated(scripted_generate(engine.tokenizer, "ok"))
-    worker = BatchWorker(engine, max_batch=4, batch_wait_s=2.0, generate=generate)
+    worker = BatchWorker(engine, max_batch=4, batch_wait_s=1.0, generate=generate)
     done: list[float] = []
 
     def job(question: str) -> Job:
@@ -389,24 +389,26 @@ def test_worker_waits_for_returning_clients_but_not_for_a_lone_one(engine):
 
     worker.start()
     try:
-        worker.submit(job("first"))  # a lone job with no previous batch: starts at once
+        worker.submit(job("x"))  # held by the gate while a, b, c arrive: 4 jobs in the system
         wait_for(lambda: sizes == [1])
         for q in ("a", "b", "c"):
             worker.submit(job(q))
+        t0 = time.monotonic()
         gate.set()
-        wait_for(lambda: len(done) == 4)  # then a batch of 3
-        t0 = time.monotonic()
-        worker.submit(job("d"))  # the previous batch had 3 rows: wait for the others to come back
-        time.sleep(0.2)
-        worker.submit(job("e"))
-        worker.submit(job("f"))
-        wait_for(lambda: len(done) == 7)
-        assert sizes == [1, 3, 3] and done[-1] - t0 < 1.5
-        worker.submit(job("g"))  # alone after a batch of 3: waits out batch_wait_s, then runs as a batch of 1
-        wait_for(lambda: len(done) == 8)
-        t0 = time.monotonic()
-        worker.submit(job("h"))  # a lone client after a batch of 1: no wait
-        wait_for(lambda: len(done) == 9)
-        assert sizes == [1, 3, 3, 1, 1] and done[-1] - t0 < 1.0
+        time.sleep(0.3)
+        worker.submit(job("d"))  # x's client coming back: a, b, c waited for it
+        wait_for(lambda: len(done) == 5)
+        assert sizes == [1, 4] and 0.3 <= done[-1] - t0 < 0.9
+    finally:
+        worker.stop()
+    worker = BatchWorker(engine, max_batch=4, batch_wait_s=1.0, generate=generate)
+    worker.start()
+    try:
+        for q in "efgh":  # one client alone, request after request: never waits
+            t0 = time.monotonic()
+            worker.submit(job(q))
+            wait_for(lambda: done[-1] > t0)
+            assert done[-1] - t0 < 0.5
+        assert sizes == [1, 4, 1, 1, 1, 1]
     finally:
         worker.stop()

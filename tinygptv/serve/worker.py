@@ -12,10 +12,11 @@ Policy:
 - ``max_tokens`` and ``stop`` are per job: the batch decodes up to the largest ``max_tokens`` with the template's
   stop strings, and each row is finished on its own limit / stop strings here. Greedy rows are identical to
   running alone (left padding, positions from the mask).
-- When a batch is smaller than the previous one, the worker waits up to ``batch_wait_s`` (``tinygptv serve``
-  default: 25 ms) for more jobs before starting it: clients just answered by the previous batch come back within
-  milliseconds, and without the wait they would trail one batch behind (batches alternating 7, 1, 7, 1…). A lone
-  client never waits (its previous batch had one row).
+- When a batch is smaller than the recent concurrency (the most jobs that were in the system, queued or running,
+  at any of the last ``2 × max_batch`` submits), the worker waits up to ``batch_wait_s`` (``tinygptv serve``
+  default: 25 ms) for more before starting it: clients just answered by the previous batch come back within
+  milliseconds, and without the wait they trail one batch behind (batches alternating 7, 1, 7, 1… or 4, 4, …
+  instead of 8, 8, …). A lone client never waits: the concurrency it creates is 1.
 - Batching is dynamic, not continuous: jobs arriving while a batch decodes wait for the next batch.
 - A cancelled (client gone) or timed-out row is no longer decoded to text nor sent; once every row of a batch
   is finished or cancelled the token generator is closed, so the batch stops computing at once.
@@ -164,7 +165,8 @@ class BatchWorker:
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.batch_wait_s = batch_wait_s
-        self._last_size = 0
+        self._running = 0  # rows of the batch being decoded
+        self._recent_load: deque[int] = deque(maxlen=2 * max_batch)  # jobs in the system at each recent submit
         self.generate = generate
         self.context = engine.model.cfg.lm.max_position_embeddings
         self.stats = WorkerStats()
@@ -204,6 +206,7 @@ class BatchWorker:
             if len(self._pending) >= self.queue_size:
                 raise queue_full(self.queue_size)
             self._pending.append(job)
+            self._recent_load.append(len(self._pending) + self._running)
             self._cv.notify()
 
     # ------------------------------------------------------------------------------------------ batching
@@ -215,12 +218,12 @@ class BatchWorker:
                 return None
             batch = [self._pending.popleft()]
             self._collect(batch)
-            expect = min(self.max_batch, self._last_size)  # the clients of the last batch may be coming back
+            expect = min(self.max_batch, max(self._recent_load, default=1))  # recent concurrency
             end = time.monotonic() + self.batch_wait_s
             while len(batch) < expect and not self._stopping and time.monotonic() < end:
                 self._cv.wait(end - time.monotonic())  # woken by every submit
                 self._collect(batch)
-            self._last_size = len(batch)
+            self._running = len(batch)
             return batch
 
     def _collect(self, batch: list[Job]) -> None:
@@ -252,6 +255,8 @@ class BatchWorker:
                 log.exception("batch failed")
                 for job in batch:
                     self._emit(job, Failed(server_error("generation failed; see the server log")))
+            finally:
+                self._running = 0
 
     def _emit(self, job: Job, event: Event) -> None:
         try:
@@ -261,19 +266,25 @@ class BatchWorker:
 
     @torch.no_grad()
     def _run(self, jobs: list[Job]) -> None:
-        live, prompts = [], []
+        live, prompts, failed = [], [], []
+        images = [im for job in jobs if not job.cancelled.is_set() for im in job.request.images]
+        if images:  # new images of the whole batch through the vision tower at once; the cache serves them below
+            self.engine.image_embeddings(images)
         for job in jobs:
             if job.cancelled.is_set():
                 self.stats.cancelled += 1
             elif job.expired():
                 self.stats.timed_out += 1
-                self._emit(job, Failed(timed_out(job.timeout_s)))
+                failed.append((job, timed_out(job.timeout_s)))
             else:
                 try:
                     prompts.append(self.engine.prompt_embeddings(job.request))
                     live.append(job)
                 except ValueError as exc:
-                    self._emit(job, Failed(bad_request(str(exc))))
+                    failed.append((job, bad_request(str(exc))))
+        self._running = len(live)
+        for job, error in failed:
+            self._emit(job, Failed(error))
         if not live:
             return
         engine = self.engine
@@ -305,11 +316,11 @@ class BatchWorker:
     def _advance(self, row: _Row, token: int | None, finished: bool, reason: str | None, prompt_len: int) -> None:
         job = row.job
         if job.cancelled.is_set():
-            row.done = True
+            self._close(row)
             self.stats.cancelled += 1
             return
         if job.expired():
-            row.done = True
+            self._close(row)
             self.stats.timed_out += 1
             self._emit(job, Failed(timed_out(job.timeout_s)))
             return
@@ -322,8 +333,13 @@ class BatchWorker:
         elif finished or own_limit:
             self._finish(row, "length", prompt_len)
 
-    def _finish(self, row: _Row, reason: str, prompt_len: int) -> None:
+    def _close(self, row: _Row) -> None:
+        """The row needs no more tokens: its client may come back with a new request right away."""
         row.done = True
+        self._running -= 1
+
+    def _finish(self, row: _Row, reason: str, prompt_len: int) -> None:
+        self._close(row)
         self.stats.completed += 1
         self.stats.tokens += len(row.text.ids)
         self._emit(row.job, Done(row.text.final(), list(row.text.ids), reason, prompt_len))

@@ -192,7 +192,7 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
         lr = lr_at(cfg.optim, epoch, i, cfg.run.iters_per_epoch, cfg.run.max_epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss_sum, finite = 0.0, True
+        loss_sum, finite, grad_norm = 0.0, True, None
         for micro in range(cfg.run.accum_grad_iters):
             batch = next(loader)
             sync = contextlib.nullcontext() if world == 1 or micro == cfg.run.accum_grad_iters - 1 else net.no_sync()
@@ -223,8 +223,7 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
             nonfinite_run = 0
             if scaler:
                 scaler.unscale_(optimizer)
-            if cfg.run.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.run.clip_grad_norm)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.run.clip_grad_norm or float("inf")))
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -237,7 +236,7 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
             now = time.perf_counter()
             counters = loader.counters
             metrics.log({"step": step, "epoch": epoch, "loss": loss_sum / cfg.run.accum_grad_iters if finite else None,
-                         "lr": lr, "tokens_per_s": tokens * world / (now - t_last),
+                         "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens * world / (now - t_last),
                          "samples_per_s": samples * world / (now - t_last), "nonfinite_total": nonfinite_total,
                          "skipped_records": sum(c["bad_records"] for c in counters.values()),
                          "skipped_images": sum(c["bad_images"] for c in counters.values())})
