@@ -13,9 +13,17 @@ log = logging.getLogger("tinygptv")
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
 
 
+def default_model() -> str:
+    """The bundled nano model when the package ships it, else the random ``small`` preset."""
+    from tinygptv.checkpoint import BUNDLED
+
+    return "nano" if (BUNDLED["nano"] / "config.yaml").is_file() else "small"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="small",
-                   help="checkpoint folder, config.yaml, or preset name (random weights): tiny, small, tinygptv-phi2")
+    p.add_argument("--model", default=default_model(),
+                   help="checkpoint folder, 'nano' (bundled, the default), config.yaml, or a preset name with random "
+                        "weights: tiny, small, tinygptv-phi2")
     p.add_argument("--tokenizer", help="tokenizer folder (Phi-2 HF folder) overriding the checkpoint's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default=None,
@@ -167,6 +175,28 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """The bundled nano model answers questions about example images; a grounding answer is drawn as PNG."""
+    from tinygptv.nano.demo import run_demo
+
+    return run_demo(args.model, Path(args.out), args.quantize)
+
+
+def cmd_ablate(args) -> int:
+    """The paper's ablation (Table 4) at nano scale: without LoRA / input LayerNorm / RMSNorm / QK-norm."""
+    from tinygptv.nano.ablate import ablate, markdown, plot
+
+    out = Path(args.output)
+    table = ablate(args.nano, out, steps_scale=args.steps_scale,
+                   variants=args.variants.split(",") if args.variants else None)
+    command = f"tinygptv ablate --nano {args.nano} --output {args.output} --steps-scale {args.steps_scale}"
+    text = markdown(table, command)
+    (out / "ablation.md").write_text(text)
+    plot(table, out / "ablation.png")
+    print(text)
+    return 0
+
+
 def cmd_export(args) -> int:
     """Export the language model (LoRA merged) as a HF Phi folder, with the tokenizer."""
     import tinygptv
@@ -180,7 +210,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-RECIPES = {"paper": ["stage1", "stage2", "stage3", "stage4"]}
+RECIPES = {"paper": ["stage1", "stage2", "stage3", "stage4"], "nano": []}
 RECIPE_DIR = Path(__file__).parent / "configs" / "train"
 
 
@@ -192,6 +222,8 @@ def cmd_train(args) -> int:
     overrides = parse_overrides(args.set)
     if bool(args.config) == bool(args.recipe):
         raise ValueError("give exactly one of --config FILE or --recipe NAME")
+    if args.recipe == "nano":
+        return _train_nano(args)
     if args.recipe and args.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {args.recipe!r}; valid: {sorted(RECIPES)}")
     stages = [RECIPE_DIR / f"{s}.yaml" for s in RECIPES[args.recipe]] if args.recipe else [Path(args.config)]
@@ -212,6 +244,31 @@ def cmd_train(args) -> int:
             else:
                 train(cfg, args.data_root, out, resume=args.resume)
             init = out / "final"
+    return 0
+
+
+def _train_nano(args) -> int:
+    """Synthetic world + stage 0 + stages 1→4 + evaluation (+ bundling into the package with --bundle)."""
+    from tinygptv.checkpoint import BUNDLED
+    from tinygptv.nano import recipe
+    from tinygptv.nano.evaluate import evaluate
+    from tinygptv.nano.report import write_report
+
+    out = Path(args.output if args.output != "runs/train" else "runs/nano")
+    summary = recipe.run(out, seed=args.seed, steps_scale=args.steps_scale, world_scale=args.world_scale,
+                         eval_size=args.eval_size)
+    final = Path(summary["final"])
+    runs = {q: evaluate(final, out / "world", out / f"eval-{q}", quantize=None if q == "fp32" else q)
+            for q in args.eval_quantize.split(",") if q}
+    size = None
+    if args.bundle:
+        dest = recipe.bundle(final, BUNDLED["nano"])
+        size = sum(f.stat().st_size for f in dest.iterdir())
+        print(f"bundled the model into {dest} ({size / 1e6:.1f} MB)")
+    if runs:
+        report = Path(args.report) if args.report else out / "nano.md"
+        command = "tinygptv train --recipe nano" + (" --bundle" if args.bundle else "")
+        print(write_report(report, summary, runs, recipe.losses(out), size, command))
     return 0
 
 
@@ -315,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--dry-run", action="store_true", help="print the memory estimate and stop")
     p.add_argument("--force", action="store_true", help="start even if the memory estimate does not fit")
+    g = p.add_argument_group("nano recipe")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps")
+    g.add_argument("--world-scale", type=float, default=1.0, help="multiply the synthetic datasets' sizes")
+    g.add_argument("--eval-size", type=int, default=200, help="items per held-out synthetic eval set")
+    g.add_argument("--eval-quantize", default="fp32,int8", help="evaluate the final model at these precisions")
+    g.add_argument("--bundle", action="store_true", help="write the final model into the package (the default model)")
+    g.add_argument("--report", help="write the results table here (default: <output>/nano.md)")
 
     p = sub.add_parser("data", help=cmd_data.__doc__)
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -327,8 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst")
 
     from tinygptv.eval.cli import add_eval_parser
+    from tinygptv.serve.cli import add_serve_parser
+    from tinygptv.synth.cli import add_synth_parser
 
     add_eval_parser(sub)
+    add_synth_parser(sub)
+    add_serve_parser(sub)
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__)
+    p.add_argument("--model", default="nano")
+    p.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default=None)
+    p.add_argument("--out", default="tinygptv-demo.png", help="where to draw the grounding answer")
+
+    p = sub.add_parser("ablate", help=cmd_ablate.__doc__)
+    p.add_argument("--nano", default="runs/nano", help="a nano recipe output (its world and stage-0 backbones)")
+    p.add_argument("--output", default="runs/ablate")
+    p.add_argument("--steps-scale", type=float, default=0.3)
+    p.add_argument("--variants", help="comma-separated subset of: full, no_lora, no_input_norm, no_rmsnorm, no_qknorm")
 
     p = sub.add_parser("export", help=cmd_export.__doc__)
     p.add_argument("--model", required=True)
@@ -339,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"info": cmd_info, "ask": cmd_ask, "chat": cmd_chat, "import": cmd_import, "export": cmd_export,
-            "train": cmd_train, "data": cmd_data}
+            "train": cmd_train, "data": cmd_data, "demo": cmd_demo, "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,69 @@
+"""``benchmarks/results/nano.md``: what the nano recipe produced — timings, losses, accuracies vs targets."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The issue's targets for the bundled model (held-out synthetic sets, standard metrics).
+TARGETS = {"colour": 90.0, "shape": 90.0, "count": 90.0, "spatial": 85.0, "refer": 70.0, "identify": 85.0}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, float]:
+    """Target-aligned numbers from an evaluation summary (``tinygptv.nano.evaluate``)."""
+    cats = summary["categories"]
+    out: dict[str, float] = {}
+    gqa = cats.get("gqa", {})
+    for c in ("colour", "shape", "count"):
+        if c in gqa:
+            out[c] = gqa[c]["accuracy"]
+    bench = summary["results"]["benchmarks"]
+    if "vsr" in bench:
+        out["spatial"] = bench["vsr"]["scores"]["standard"]["metrics"]["accuracy"]
+    refs = [bench[n]["scores"]["standard"]["metrics"]["accuracy"] for n in bench if n.startswith("refcoco")]
+    if refs:
+        out["refer"] = sum(refs) / len(refs)
+    out["identify"] = summary["identify_accuracy"]
+    out["caption_object_recall"] = summary["caption_object_recall"]
+    return out
+
+
+def write_report(path: Path, recipe: dict[str, Any], runs: dict[str, dict[str, Any]], losses: dict[str, Any],
+                 bundle_bytes: int | None, command: str) -> str:
+    """``runs``: ``{"bf16": summary, "int8": summary, …}`` (same model, different load-time quantization)."""
+    heads = {k: headline(v) for k, v in runs.items()}
+    keys = list(TARGETS) + ["caption_object_recall"]
+    lines = ["# Nano TinyGPT-V: the whole method on a CPU", "",
+             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}. Produced by `{command}`.", "",
+             "## Time per step of the recipe (seconds)", "", "| " + " | ".join(recipe["timings_s"]) + " | total |",
+             "|" + "---|" * (len(recipe["timings_s"]) + 1),
+             "| " + " | ".join(f"{v:.0f}" for v in recipe["timings_s"].values())
+             + f" | {sum(recipe['timings_s'].values()):.0f} |", "",
+             "## Final training loss per stage", "", "| " + " | ".join(losses) + " |", "|" + "---|" * len(losses),
+             "| " + " | ".join("—" if v is None else f"{v:.3f}" for v in losses.values()) + " |", "",
+             "## Held-out synthetic sets (standard metrics)", "",
+             "| metric | target | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+    for k in keys:
+        target = f"≥ {TARGETS[k]:.0f}" if k in TARGETS else "—"
+        lines.append(f"| {k} | {target} | " + " | ".join(f"{h.get(k, float('nan')):.1f}" for h in heads.values()) + " |")
+    first = next(iter(runs.values()))
+    lines += ["", "## Every set, both scoring modes (first run)", "", "| set | paper | standard |", "|---|---|---|"]
+    for name, b in first["results"]["benchmarks"].items():
+        sc = b["scores"]
+        lines.append(f"| {name} | {sc['paper']['metrics'].get('accuracy', float('nan')):.1f} | "
+                     f"{sc['standard']['metrics'].get('accuracy', float('nan')):.1f} |")
+    lines += ["", "Per-category accuracy (GQA-style set): "
+              + ", ".join(f"{c} {v['accuracy']:.1f} (n={v['n']})" for c, v in first["categories"].get("gqa", {}).items())]
+    if bundle_bytes is not None:
+        lines += ["", f"Bundled checkpoint: {bundle_bytes / 1e6:.1f} MB (safetensors + config + tokenizer + template)."]
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    (path.with_suffix(".json")).write_text(json.dumps({"recipe": recipe, "losses": losses, "headline": heads},
+                                                      indent=1))
+    return text
