@@ -72,7 +72,7 @@ def test_beam_search_scores_at_least_greedy(engine, red_image):
 
 def test_stop_strings_never_leak(engine, monkeypatch):
     tok = engine.tokenizer
-    script = tok.encode("ans#wer ##x###tail")
+    script = tok.encode("  ans#wer ##x###tail")  # leading spaces: stripped, never repeated
 
     def fake_generate(lm, prompts, cfg, eos_id, decode):
         out = []

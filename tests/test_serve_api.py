@@ -384,7 +384,10 @@ def test_worker_waits_for_returning_clients_but_not_for_a_lone_one(engine):
 
     def job(question: str) -> Job:
         request = engine.chat_request(question)
-        sink = lambda ev: isinstance(ev, Done) and done.append(time.monotonic())  # noqa: E731
+        def sink(event) -> None:
+            if isinstance(event, Done):
+                done.append(time.monotonic())
+
         return Job(request, GenerationConfig(max_new_tokens=4), engine.prompt_embeddings(request)[0].shape[0], sink, 30)
 
     worker.start()
@@ -407,7 +410,7 @@ def test_worker_waits_for_returning_clients_but_not_for_a_lone_one(engine):
         for q in "efgh":  # one client alone, request after request: never waits
             t0 = time.monotonic()
             worker.submit(job(q))
-            wait_for(lambda: done[-1] > t0)
+            wait_for(lambda t0=t0: done[-1] > t0)
             assert done[-1] - t0 < 0.5
         assert sizes == [1, 4, 1, 1, 1, 1]
     finally:

@@ -171,14 +171,12 @@ class Engine:
         prompt = self.prompt_embeddings(request)
         ids: list[int] = []
         sent = 0
-        lead = True
         for ev in generate_tokens(self.model.lm, [prompt], _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
                                   self.tokenizer.decode):
             if ev.token is not None:
                 ids.append(ev.token)
             text, stopped = cut_at_stop(self.tokenizer.decode(ids), stops)
-            if lead:  # answers are stripped like the non-streamed text
-                text = text.lstrip()
+            text = text.lstrip()  # answers are stripped like the non-streamed text (stable as text grows)
             safe = len(text) if (stopped or ev.finished) else safe_prefix_len(text, stops)
             if safe > sent:
                 chunk = text[sent:safe]
@@ -186,7 +184,6 @@ class Engine:
                     chunk = chunk.rstrip()
                 if chunk:
                     yield chunk
-                    lead = False
                 sent = safe
             if stopped or ev.finished:
                 return

@@ -7,6 +7,11 @@ as ``[{"x1", "y1", "x2", "y2", "label", "image"}]`` in pixels of the most recent
 
 Auth: with an API key every route needs ``Authorization: Bearer KEY`` except ``/health`` and the page ``/``
 (static, no data: the page asks for the key and sends it with its API calls).
+
+Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (schema, JSON, image,
+limits), 401 API key, 413 body size (checked before parsing), 429 queue full (``Retry-After: 1``), 504 timeout
+(queueing included; mid-stream it arrives as a ``data: {"error": …}`` event before ``[DONE]``). A client that
+disconnects cancels its request (see :mod:`tinygptv.serve.worker` for batching).
 """
 
 from __future__ import annotations
@@ -242,9 +247,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, generate=N
                     if isinstance(ev, Delta):
                         yield sse({"content": ev.text})
                     elif isinstance(ev, Done):
+                        counts = usage(ev)
                         yield sse({"grounding": grounding(ev.text, prepared.image_sizes)}, ev.finish_reason)
                         if include_usage:
-                            tail = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(ev)}
+                            tail = {**base, "object": "chat.completion.chunk", "choices": [], "usage": counts}
                             yield f"data: {json.dumps(tail)}\n\n"
                         break
                     elif isinstance(ev, Failed):

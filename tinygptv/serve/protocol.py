@@ -9,7 +9,13 @@ Messages → the engine's conversation layout (:class:`tinygptv.infer.chat.Conve
 
 Images come as ``data:image/...;base64,...`` URLs, or as local paths / ``file://`` URLs when the server was
 started with an image folder, and only inside it (symlinks resolved). Remote ``http(s)`` URLs are refused: the
-server never fetches anything. Every problem raises :class:`ApiError` (400), never a 500.
+server never fetches anything. Images are decoded (within ``max_image_pixels``) and resized to the model's square
+input here, in the request's thread, so queued requests stay small; the pixels are those the model would see.
+
+Sampling: ``temperature`` defaults to 0 (greedy, reproducible), not OpenAI's 1. ``max_tokens`` (or
+``max_completion_tokens``) is clamped to the room left in the context; a prompt that leaves no room, or is longer
+than ``max_prompt_tokens``, is a 400 ``context_length_exceeded`` (conversations are never silently truncated).
+Every problem raises :class:`ApiError` (400), never a 500.
 """
 
 from __future__ import annotations
