@@ -7,10 +7,18 @@
 3. **Vision tower**: ViT + Q-Former (+ a throw-away projection) trained BLIP-2-style through the *frozen*
    pretrained LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
    embedding is stored at the stage-1–3 grid and upsampled bicubically for stage-4 images, exactly what
-   ``set_image_size`` does later).
+   ``set_image_size`` does later). The caption loss alone lets the Q-Former collapse to an image-independent
+   "soft prompt" (measured: equal loss with shuffled images), so, like the supervised pretraining of real vision
+   backbones, auxiliary heads (thrown away afterwards) predict what is where: per ViT patch the colour / shape /
+   size of the object there and whether a word is; from the Q-Former's queries a coarse grid of colours and
+   shapes, the number of objects and the word.
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
    the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0, fresh random
-   projections (§1.4) — then frozen by the paper's stages.
+   projections (§1.4) — then frozen by the paper's stages. One deliberate difference: the second projection
+   starts from a Gaussian scaled so image embeddings have the RMS of the LM's token embeddings, as the paper
+   describes ("second layer initialised from a Gaussian"); with PyTorch's default init (upstream's code) the
+   image tokens of the nano model come out ~12x larger than text tokens, their gradients ~10x smaller, and the
+   LM learns to ignore them (measured: equal loss with shuffled images).
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from tinygptv.weights.phi import PHI_ABSENT_OK
 
 log = logging.getLogger(__name__)
 
-PairFn = Callable[[random.Random, int], list[tuple[Image.Image, str]]]
+# (rng, n) -> [(image, text, dense targets)]; targets: see :func:`dense_targets`
+PairFn = Callable[[random.Random, int], list[tuple[Image.Image, str, dict]]]
 
 
 def train_tokenizer(lines: list[str], vocab_size: int, out: Path) -> Tokenizer:
@@ -100,6 +109,36 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
 
+class AuxHeads(torch.nn.Module):
+    """Stage-0 supervision of the vision tower (discarded after stage 0)."""
+
+    def __init__(self, width: int, q_dim: int, n_queries: int, n: dict[str, int], grid: int):
+        super().__init__()
+        self.n, self.grid = n, grid
+        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
+        self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
+
+    def loss(self, feats: torch.Tensor, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        n = self.n
+        patch_logits = self.patch(feats[:, 1:].float())  # [B, g², …]
+        splits = [n["colour"], n["shape"], n["size"], 2]
+        loss = 0.0
+        for logits, key in zip(patch_logits.split(splits, -1), ("colour", "shape", "size", "word")):
+            tgt = torch.stack([t["patch"][key] for t in targets])  # [B, g²]
+            if tgt.shape[1] != logits.shape[1]:  # other resolution: targets are per input patch, recomputed
+                raise ValueError("dense targets do not match the patch grid")
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        q = self.query(queries.float().flatten(1))
+        cells = self.grid * self.grid
+        grid_c, grid_s, count, word = q.split([cells * n["colour"], cells * n["shape"], 5, n["word"]], -1)
+        for logits, key, k in ((grid_c, "grid_colour", n["colour"]), (grid_s, "grid_shape", n["shape"])):
+            tgt = torch.stack([t[key] for t in targets]).reshape(-1)
+            loss = loss + F.cross_entropy(logits.reshape(-1, k), tgt)
+        loss = loss + F.cross_entropy(count, torch.tensor([t["count"] for t in targets]))
+        loss = loss + F.cross_entropy(word, torch.tensor([t["word"] for t in targets]))
+        return loss
+
+
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
                     seed: int = 0) -> tuple[dict, dict]:
@@ -114,9 +153,11 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     model = TinyGPTV(plain)
     _init_(model, seed)
     model.lm.load_state_dict(lm_state)
+    match_embedding_scale(model, seed)
     model.tokenizer = tok
     model.set_trainable(lora=False, norms=False, projector=True, qformer=True, vision=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    heads = AuxHeads(cfg.vision.width, cfg.qformer.hidden, cfg.qformer.num_queries, pairs.classes, AUX_GRID)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = random.Random(seed)
     model.train()
@@ -126,24 +167,63 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
         size = sizes[step % len(sizes)]
-        items = pairs(rng, batch)
-        px = torch.stack([preprocess(im, size) for im, _ in items])
+        items = pairs(rng, batch, size // cfg.vision.patch_size)
+        px = torch.stack([preprocess(im, size) for im, _, _ in items])
         with _autocast():
             feats = model.vision(px, interpolate_pos=True)  # [B, 1+g², W]
-            emb = model.projector(model.qformer(feats))  # [B, Q, C]
-            examples = [Example(None, [(text + "\n", True)]) for _, text in items]
+            queries = model.qformer(feats)  # [B, Q, H]
+            emb = model.projector(queries)  # [B, Q, C]
+            examples = [Example(None, [(text + "\n", True)]) for _, text, _ in items]
             b = build_batch(examples, [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0, max_txt_len=96)
             logits = model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)
-        loss = causal_lm_loss(logits, b.labels)
+        caption = causal_lm_loss(logits, b.labels)
+        loss = caption + heads.loss(feats, queries, [t for _, _, t in items])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", size=size)
-    log.info("stage0 vision: final loss %.3f", loss.item())
+            bar.set_postfix(caption=f"{caption.item():.3f}", total=f"{loss.item():.3f}", size=size)
+    log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
+
+
+AUX_GRID = 4  # the Q-Former head predicts colours and shapes on a 4x4 grid
+
+
+def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, int, int]],
+                  word_box: tuple[float, float, float, float] | None, word: int, size_wh: tuple[int, int],
+                  grid: int) -> dict:
+    """Targets of the auxiliary heads for one image.
+
+    Args:
+        objects: ``(box [x, y, w, h] in image pixels, colour id, shape id, size id)``, ids from 1 (0 = nothing).
+        word_box: the rendered word's box or ``None``; ``word``: its id from 1 (0 = no word).
+        size_wh: the image's size in pixels; ``grid``: the model's patch grid side for this input.
+    """
+    W, H = size_wh
+
+    def at(x: float, y: float) -> tuple[int, int, int]:
+        for (bx, by, bw, bh), c, s, z in objects:
+            if bx <= x < bx + bw and by <= y < by + bh:
+                return c, s, z
+        return 0, 0, 0
+
+    def labels(g: int) -> list[tuple[int, int, int]]:
+        return [at((j + 0.5) * W / g, (i + 0.5) * H / g) for i in range(g) for j in range(g)]
+
+    cells = labels(grid)
+    in_word = [0] * (grid * grid)
+    if word_box is not None:
+        wx, wy, ww, wh = word_box
+        in_word = [int(wx <= (j + 0.5) * W / grid < wx + ww and wy <= (i + 0.5) * H / grid < wy + wh)
+                   for i in range(grid) for j in range(grid)]
+    coarse = labels(AUX_GRID)
+    return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
+                      "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
+            "grid_colour": torch.tensor([c for c, _, _ in coarse]), "grid_shape": torch.tensor([s for _, s, _ in coarse]),
+            "count": min(len(objects), 4), "word": word}
 
 
 def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state: dict, qformer_state: dict,
@@ -158,6 +238,7 @@ def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state
     assign_tensors(model.projector, {}, report, absent_ok=[r".*"], prefix="projector.")
     report.raise_if_bad()
     init_missing(model, seed)
+    match_embedding_scale(model, seed)
     model.tokenizer = tok
     model.template = get_template("stage4")
     return tinygptv.save(model, out)
@@ -166,6 +247,20 @@ def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state
 def _autocast():
     """bf16 matmuls on the CPU (AMX/AVX-512 make them ~3x faster here); fp32 master weights."""
     return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def match_embedding_scale(model: TinyGPTV, seed: int = 0) -> float:
+    """Re-draw ``proj2`` from a Gaussian so projected unit-variance queries have the RMS of the token embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    target = model.lm.embed_tokens.weight.float().pow(2).mean().sqrt()
+    proj2 = model.projector.proj2
+    proj2.weight.copy_(torch.randn(proj2.weight.shape, generator=g))
+    proj2.bias.zero_()
+    probe = torch.randn(64, model.cfg.qformer.num_queries, model.cfg.qformer.hidden, generator=g)
+    rms = model.projector(probe.to(proj2.weight.dtype)).float().pow(2).mean().sqrt()
+    proj2.weight.mul_(target / rms)
+    return float(target)
 
 
 @torch.no_grad()

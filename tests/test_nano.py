@@ -1,0 +1,58 @@
+"""The nano recipe end to end at a tiny step count, and the bundled model's accuracy on fresh held-out scenes."""
+
+import json
+
+import pytest
+
+import tinygptv
+from tinygptv.checkpoint import BUNDLED
+
+
+def test_nano_recipe_end_to_end_tiny(tmp_path):
+    """synth → stage 0 → stages 1-4 (every format, every stage's real readers and trainer) → evaluation."""
+    from tinygptv.nano.evaluate import evaluate
+    from tinygptv.nano.recipe import losses, run
+
+    out = tmp_path / "nano"
+    summary = run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
+    assert set(summary["timings_s"]) >= {"synth", "stage0_lm", "stage0_vision", "stage1", "stage2", "stage3", "stage4"}
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        assert (out / stage / "loss_curve.png").is_file()
+        assert (out / stage / "metrics.jsonl").read_text().strip()
+    assert all(v is not None for v in losses(out).values())
+    model = tinygptv.load(summary["final"])
+    assert model.cfg.vision.image_size == 128 and model.template.name == "stage4"
+    res = evaluate(model, out / "world", out / "eval", limit=2, sets="gqa,vsr,refcoco_val")
+    assert set(res["results"]["benchmarks"]) == {"gqa", "vsr", "refcoco_val"}
+    assert (out / "eval" / "results.md").is_file()
+    # a second call continues: nothing is retrained
+    again = run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
+    assert again["timings_s"]["stage4"] < 5
+
+
+@pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")
+def test_bundled_model_accuracy_lower_bounds(tmp_path):
+    """Fresh scenes from a world seed never used for training; lower bounds well below the measured accuracy
+    (benchmarks/results/nano.md) but far above chance."""
+    from tinygptv.nano.evaluate import evaluate
+    from tinygptv.synth.generate import generate_world
+
+    generate_world(tmp_path / "w", seed=4242, scale=0.02, eval_size=24)
+    res = evaluate("nano", tmp_path / "w", tmp_path / "e", sets="gqa,vsr,refcoco_val")
+    bench = res["results"]["benchmarks"]
+    gqa = res["categories"]["gqa"]
+    for cat in ("colour", "shape"):
+        assert gqa[cat]["accuracy"] >= 60, (cat, gqa[cat])
+    assert bench["vsr"]["scores"]["standard"]["metrics"]["accuracy"] >= 60
+    assert bench["refcoco_val"]["scores"]["standard"]["metrics"]["accuracy"] >= 40
+    assert res["identify_accuracy"] >= 50
+    (tmp_path / "e" / "x.json").write_text(json.dumps(res["categories"]))
+
+
+@pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")
+def test_demo_runs(tmp_path, capsys):
+    from tinygptv.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    assert "answers exactly right" in out
