@@ -133,6 +133,7 @@ def bench_ours(cfg, mode: str, tokens: int) -> dict:
     out["decode_tok_s_b1"] = decode_rate(1)
     out["decode_tok_s_b8"] = decode_rate(8)
     img = Image.new("RGB", (640, 480), (120, 30, 200))
+    model.encode_images(model.pixel_values([Image.new("RGB", (64, 64))]))  # warm-up (kernel packing), like HF's
     for size in (224, 448):
         model.vision.set_image_size(size)
         engine.cache.items.clear()
@@ -208,6 +209,8 @@ def bench_hf(cfg, tokens: int) -> dict:
     from tinygptv.image import preprocess
 
     img = Image.new("RGB", (640, 480), (120, 30, 200))
+    with torch.no_grad():  # warm-up, as for ours
+        qformer(query_embeds=query, encoder_hidden_states=vision(pixel_values=preprocess(img, 224)[None].to(dt)).last_hidden_state)
     for size in (224, 448):
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -89,8 +89,19 @@ class Int8Linear(nn.Module):
                 mod.bias.copy_(bias.float())
         return mod
 
+    def int8_weight(self) -> torch.Tensor:
+        """``[out, in]`` int8 weight (unpacked from the kernel's copy after the first forward)."""
+        if self.qweight.numel() == 0 and self._packed is not None:
+            w, _ = torch.ops.quantized.linear_unpack(self._packed)
+            return w.int_repr()
+        return self.qweight
+
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        return self.int8_weight().float() * self.scale[:, None]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.int8_weight()
 
     def _prepack(self):
         with warnings.catch_warnings():
@@ -103,8 +114,13 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.kernel == "dynamic":
+            if self._packed is None and self.qweight.numel() == 0:
+                raise RuntimeError("Int8Linear has no weight")
             if self._packed is None:
                 self._packed = self._prepack()
+                # the kernel keeps its own packed copy of the int8 weight: drop ours (halves memory); it is
+                # unpacked again only when the state dict is saved
+                self.qweight = torch.empty(0, dtype=torch.int8)
             y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, True)
         else:
             xb = x2.to(torch.bfloat16)
@@ -281,5 +297,10 @@ def _cast_float(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the weights occupy in memory)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of every parameter and buffer (what the weights occupy in memory); an :class:`Int8Linear` whose
+    int8 weight lives only in the kernel's packed copy counts that copy's ``out × in`` bytes."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and m.qweight.numel() == 0 and m._packed is not None:
+            total += m.out_features * m.in_features
+    return total
