@@ -54,3 +54,17 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d.png")]) == 0
     out = capsys.readouterr().out
     assert "answers exactly right" in out
+
+
+def test_identify_metric_resolves_referring_expressions():
+    from tinygptv.nano.evaluate import refers_to
+    from tinygptv.synth.world import Obj
+
+    objs = [Obj("circle", "red", "small", (0, 0, 10, 10)), Obj("square", "red", "large", (50, 0, 10, 10)),
+            Obj("square", "blue", "small", (20, 40, 10, 10))]
+    assert refers_to("the circle", objs) is objs[0]
+    assert refers_to("the red square", objs) is objs[1]
+    assert refers_to("the square", objs) is None  # ambiguous
+    assert refers_to("the square on the right", objs) is objs[1]
+    assert refers_to("the object on the left", objs) is objs[0]
+    assert refers_to("a green star", objs) is None

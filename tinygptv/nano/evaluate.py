@@ -3,7 +3,8 @@
 - The benchmark-format sets (GQA-, VSR-, VizWiz-, HM-, IconQA-, RefCOCO-style) go through the real evaluators
   (``tinygptv.eval.run_eval``, both scoring modes) plus a per-category breakdown (colour / shape / count / …).
 - Two checks the benchmarks do not cover, on the RefCOCO-style val scenes:
-  *identify* (box → object: correct when the answer names the object's colour and shape) and *captions*
+  *identify* (box → object; the training answers are referring expressions such as "the red circle" or "the
+  square on the left", so an answer is correct when the object it describes is exactly the boxed one) and *captions*
   (``[caption]``: recall of the scene's shapes and colours among the words of the caption, and how many
   named shapes are not in the scene).
 """
@@ -27,6 +28,29 @@ def _scenes(eval_root: Path) -> dict[str, dict]:
     return {r["scene"]["id"]: r for r in rows}
 
 
+def refers_to(text: str, objects) -> object | None:
+    """The single object a referring expression picks out (attributes, then an extreme position), else None."""
+    words = re.findall(r"[a-z]+", text.lower())
+    cands = [o for o in objects if all(w in (o.colour, o.shape, o.size) or w not in _ATTRIBUTES for w in words)]
+    if not any(w in _ATTRIBUTES for w in words):
+        cands = list(objects) if any(w in _EXTREMES for w in words) else []
+    for w in words:
+        if w in _EXTREMES and cands:
+            key, sign = _EXTREMES[w]
+            cands = [max(cands, key=lambda o: sign * o.centre[key])]
+    return cands[0] if len(cands) == 1 else None
+
+
+def _vocab():
+    from tinygptv.synth.world import COLOURS, SHAPES, SIZES
+
+    return set(COLOURS) | set(SHAPES) | set(SIZES)
+
+
+_ATTRIBUTES = _vocab()
+_EXTREMES = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}
+
+
 def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = None,
                          batch: int = 16) -> dict[str, Any]:
     """Identify accuracy and caption object recall / hallucination on the RefCOCO-style val items."""
@@ -47,9 +71,9 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
             q = f"[identify] what object is in this location {box_text(scene, obj)}"
             reqs.append(engine.chat_request(q, [eval_root / it["image"]]))
             gold.append(obj)
-        for res, obj in zip(engine.generate(reqs, cfg), gold):
-            words = set(re.findall(r"[a-z]+", res.text.lower()))
-            hits += obj.colour in words and obj.shape in words
+        for res, obj, it in zip(engine.generate(reqs, cfg), gold, chunk):
+            scene = Scene.from_dict(scenes[it["scene"]]["scene"])
+            hits += refers_to(res.text, scene.objects) == obj
     seen, recall_hits, recall_total, extra = set(), 0, 0, 0
     cap_reqs, cap_scenes = [], []
     for it in items:
