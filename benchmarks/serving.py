@@ -172,8 +172,12 @@ def write_report(args, results: list[dict], info: dict, command: str) -> None:
     wait = "server default (25)" if args.batch_wait_ms is None else f"{args.batch_wait_ms:g}"
     machine_line = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, {info['os']}, "
                     f"Python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads).")
-    setup = (f"Model `{args.model}`{' (' + args.quantize + ')' if args.quantize else ''}: random weights, byte-level "
-             "tokenizer (answers are noise; compute is real). Each request: one 320×240 PNG image (4 distinct, "
+    from tinygptv.config import PRESETS
+
+    weights = ("random weights, byte-level tokenizer (answers are noise; compute is real)" if args.model in PRESETS
+               else "trained weights (answers end at the stop string, hence the mean tokens below)")
+    setup = (f"Model `{args.model}`{' (' + args.quantize + ')' if args.quantize else ''}: {weights}. "
+             "Each request: one 320×240 PNG image (4 distinct, "
              f"cached after warm-up) + a question, greedy, `max_tokens={args.max_tokens}`, non-streamed. "
              f"{args.clients} closed-loop clients on 127.0.0.1 for {args.duration:g} s per setting; server queue "
              f"bound {args.queue_size}, `--batch-wait-ms` {wait}. The clients (one asyncio process) and the server "
@@ -189,8 +193,9 @@ def write_report(args, results: list[dict], info: dict, command: str) -> None:
                      f"| {r['mean_batch_size']} | {sizes} |")
     gains = ", ".join(f"**{v}×** vs --max-batch {k[1:]}" for k, v in gain.items())
     notes = ("`batch sizes run` counts every batch since server start (warm-up included: size×count); `mean batch` "
-             "is over them. The `small` preset is a ~5M-parameter model, so per-request HTTP, JSON and image "
-             "decoding are a large share of each request here; on larger models the decode steps dominate and a "
+             "is over them. The nano model (~4.5 M parameters) and the `small` preset are tiny, so per-request HTTP, "
+             "JSON and image decoding are a large share of each request here; on larger models the decode steps "
+             "dominate and a "
              "batch step costs little more than a single one (engine alone: decode tok/s at batch 8 is up to 7× "
              "batch 1 in `benchmarks/results/inference-small.md`).")
     lines += ["", f"Batching gain (requests/s with batching ÷ without): {gains}", "", notes, ""]
@@ -199,7 +204,7 @@ def write_report(args, results: list[dict], info: dict, command: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="small")
+    p.add_argument("--model", default="nano", help="the bundled nano model by default")
     p.add_argument("--quantize", choices=["bf16", "int8", "int4"], default=None)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per --max-batch setting")
