@@ -141,17 +141,8 @@ class LoRAConfig:
         return self.alpha / self.r if self.r else 0.0
 
 
-@dataclass
-class ModelConfig:
-    """The whole TinyGPT-V: vision → Q-Former → two projections → Phi (+LoRA)."""
-
-    name: str = "tinygptv-phi2"
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    image_placeholder: str = "<ImageHere>"
+class YamlConfig:
+    """YAML round trip for the top-level config dataclasses (strict: unknown keys are errors naming them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,17 +154,31 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]):
         return _build(cls, data, "")
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> "ModelConfig":
+    def from_yaml(cls, path_or_text: str | Path):
+        """From a file, or from YAML text."""
         p = Path(path_or_text)
-        text = p.read_text() if (isinstance(path_or_text, Path) or "\n" not in str(path_or_text)) and p.exists() else str(path_or_text)
-        data = yaml.safe_load(text)
+        is_file = (isinstance(path_or_text, Path) or "\n" not in str(path_or_text)) and p.is_file()
+        data = yaml.safe_load(p.read_text() if is_file else str(path_or_text))
         if not isinstance(data, dict):
             raise ConfigError(f"{path_or_text}: expected a mapping at the top level")
         return cls.from_dict(data)
+
+
+@dataclass
+class ModelConfig(YamlConfig):
+    """The whole TinyGPT-V: vision → Q-Former → two projections → Phi (+LoRA)."""
+
+    name: str = "tinygptv-phi2"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    image_placeholder: str = "<ImageHere>"
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with dotted overrides applied, e.g. ``cfg.replace(**{"lm.layers": 2})``."""

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
 
-from tinygptv.config import ConfigError, _build, _set_dotted
+from tinygptv.config import ConfigError, YamlConfig, _set_dotted
 
 
 @dataclass
@@ -84,7 +82,7 @@ class RunConfig:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(YamlConfig):
     stage: str = "stage"
     init: str = ""  # checkpoint folder or preset the stage starts from (the recipe chains stages)
     model: dict[str, Any] = field(default_factory=dict)  # dotted ModelConfig overrides, e.g. vision.image_size
@@ -93,23 +91,6 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageConfig":
-        return _build(cls, data, "")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "StageConfig":
-        data = yaml.safe_load(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping")
-        return cls.from_dict(data)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "StageConfig":
         data = dataclasses.asdict(self)
