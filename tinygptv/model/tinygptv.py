@@ -17,7 +17,7 @@ from tinygptv.image import ImageInput, preprocess
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.projector import Projector
 from tinygptv.model.qformer import QFormer
-from tinygptv.model.sequence import Batch, Example, build_batch, causal_lm_loss, single_turn, token_logprobs
+from tinygptv.model.sequence import Batch, Example, build_batch, causal_lm_loss, token_logprobs
 from tinygptv.model.vision import VisionEncoder
 from tinygptv.templates import ChatTemplate, get_template
 from tinygptv.tokenizer import Tokenizer
@@ -166,4 +166,4 @@ def _as_list(image: ImageInput | list[ImageInput] | None) -> list[ImageInput]:
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-__all__ = ["TinyGPTV", "ModelOutput", "single_turn"]
+__all__ = ["TinyGPTV", "ModelOutput"]
