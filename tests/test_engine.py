@@ -74,7 +74,7 @@ def test_stop_strings_never_leak(engine, monkeypatch):
     tok = engine.tokenizer
     script = tok.encode("  ans#wer ##x###tail")  # leading spaces: stripped, never repeated
 
-    def fake_generate(lm, prompts, cfg, eos_id, decode):
+    def fake_generate(lm, prompts, cfg, eos_id, decode, **kwargs):
         out = []
         for i, t in enumerate(script):
             out.append(t)
@@ -103,3 +103,37 @@ def test_bad_settings():
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError):
         GenerationConfig(max_new_tokens=0)
+
+
+def test_prefix_cache_reuses_prompt_keys_values(tiny_model, red_image, blue_image):
+    cached, plain = Engine(tiny_model), Engine(tiny_model, prefix_cache_mb=0)
+    cfg = GenerationConfig(max_new_tokens=6)
+    q = tiny_model.cfg.qformer.num_queries
+    first = cached.chat_request("what colour is the square?", [red_image])
+    second = cached.chat_request("and what shape is it?", [red_image])
+    for req in (first, second):
+        assert cached.generate([req], cfg)[0].token_ids == plain.generate([req], cfg)[0].token_ids
+    reused = cached.prefixes.reused_tokens
+    assert cached.prefixes.hits == 1 and reused >= q  # everything up to and including the image tokens
+    other = cached.chat_request("what colour is the square?", [blue_image])  # another image: only the text before it
+    assert cached.generate([other], cfg)[0].token_ids == plain.generate([other], cfg)[0].token_ids
+    assert cached.prefixes.reused_tokens - reused <= reused - q
+    # streaming and beam search share the cache and agree with the uncached engine
+    assert "".join(cached.stream(second, cfg)) == plain.generate([second], cfg)[0].text
+    beams = GenerationConfig(max_new_tokens=4, num_beams=3)
+    assert cached.generate([second], beams)[0].token_ids == plain.generate([second], beams)[0].token_ids
+
+
+def test_prefix_cache_bounds(tiny_model, red_image):
+    from tinygptv.infer.generate import PrefixCache
+
+    engine = Engine(tiny_model)
+    engine.prefixes = PrefixCache(max_entries=2)
+    for i in range(4):
+        engine.generate([engine.chat_request(f"question {i}", [red_image])], GenerationConfig(max_new_tokens=2))
+    assert len(engine.prefixes.entries) == 2
+    engine.prefixes = PrefixCache(max_bytes=1)  # nothing fits: never stored, still correct
+    a = engine.generate([engine.chat_request("q", [red_image])], GenerationConfig(max_new_tokens=3))
+    assert not engine.prefixes.entries
+    assert a[0].token_ids == Engine(tiny_model, prefix_cache_mb=0).generate(
+        [engine.chat_request("q", [red_image])], GenerationConfig(max_new_tokens=3))[0].token_ids

@@ -84,3 +84,21 @@ def test_lora_is_merged_before_quantizing(ids, tmp_path):
 def test_generation_runs_quantized(red_image):
     model = tinygptv.load("tiny", quantize="int8")
     assert isinstance(model.generate(red_image, "what?", max_new_tokens=3), str)
+
+
+def test_chunked_quantization_equals_whole(monkeypatch):
+    from tinygptv.infer import quantize as q
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 64, generator=g)
+    whole = (q.Int8Linear.from_weight(w, None), q.Int8Embedding.from_weight(w, torch.float32),
+             q.Int4Linear.from_weight(w, None, 32))
+    monkeypatch.setattr(q, "CHUNK_ELEMENTS", 3 * 64 + 5)  # 3 rows per chunk, a ragged last one
+    chunked = (q.Int8Linear.from_weight(w, None), q.Int8Embedding.from_weight(w, torch.float32),
+               q.Int4Linear.from_weight(w, None, 32))
+    for a, b in zip(whole, chunked):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+    scale = w.abs().amax(1) / 127
+    assert torch.equal(whole[0].qweight, torch.round(w / scale[:, None]).to(torch.int8))
+    assert (whole[2].dequantize() - w).abs().max() < (w.abs().max() * 2 / 15)

@@ -178,7 +178,8 @@ def materialize(cfg: ModelConfig, source, quant=None, dtype: torch.dtype | None 
         quant = QuantConfig(mode=quant) if isinstance(quant, str) else quant
         prequantized = any(k.endswith((".qweight", ".packed")) for k in getattr(source, "all", ()))
         quantize_model(model, quant, fetch=None if prequantized else fetch)
-    for key, t in model.state_dict(keep_vars=True).items():
+    # parameters and buffers as they are (``state_dict()`` would unpack every already-packed quantized weight)
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type != "meta":
             continue
         *path, leaf = key.split(".")
@@ -197,7 +198,12 @@ def materialize(cfg: ModelConfig, source, quant=None, dtype: torch.dtype | None 
     report.raise_if_bad()
     for p in model.parameters():
         p.requires_grad_(True)
-    return model.to(device)
+    model = model.to(device)
+    if quant is not None and quant.mode in ("int8", "int4") and torch.device(device).type == "cpu":
+        from tinygptv.infer.quantize import prepare_kernels
+
+        prepare_kernels(model)
+    return model
 
 
 def init_random(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",

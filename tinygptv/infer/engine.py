@@ -3,6 +3,8 @@
 - Prompts are rendered into embeddings exactly as in training (:func:`tinygptv.model.sequence.build_batch`).
 - Image embeddings (ViT + Q-Former + projections: most of the prefill cost) are cached by image content in a
   bounded LRU, so a second question about the same image skips the vision tower.
+- The keys/values of recent single-request prompts are kept too (:class:`~tinygptv.infer.generate.PrefixCache`):
+  a follow-up question about the same image, or the next turn of a chat, only runs the LM over what is new.
 - :meth:`Engine.generate` runs many requests as one left-padded batch; :meth:`Engine.stream` yields text deltas,
   holding back anything that could be the start of a stop string or an incomplete UTF-8 character.
 """
@@ -20,7 +22,7 @@ import torch
 from PIL import Image
 
 from tinygptv.image import ImageInput, load_image
-from tinygptv.infer.generate import GenerationConfig, beam_search, generate_tokens
+from tinygptv.infer.generate import GenerationConfig, PrefixCache, beam_search, generate_tokens
 from tinygptv.model.sequence import Example, build_batch
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.templates import IMAGE_PROMPT, ChatTemplate
@@ -78,12 +80,14 @@ def image_key(image: Image.Image, size: int) -> str:
 
 
 class Engine:
-    def __init__(self, model: TinyGPTV, image_cache_size: int = 64):
+    def __init__(self, model: TinyGPTV, image_cache_size: int = 64, prefix_cache_mb: int = 512):
+        """``image_cache_size`` images and ``prefix_cache_mb`` MiB of prompt keys/values are kept (0 = off)."""
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer")
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self.cache = ImageCache(image_cache_size)
+        self.prefixes = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
 
     @property
     def template(self) -> ChatTemplate:
@@ -140,14 +144,14 @@ class Engine:
             out = []
             for p in prompts:
                 ids = beam_search(self.model.lm, p, _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
-                                  self.tokenizer.decode)
+                                  self.tokenizer.decode, prefix_cache=self.prefixes)
                 out.append(Result(self._finish(ids, stops), ids, "stop", p[0].shape[0]))
             return out
         ids: list[list[int]] = [[] for _ in requests]
         reasons = ["length"] * len(requests)
         first_token_at = None
         for ev in generate_tokens(self.model.lm, prompts, _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
-                                  self.tokenizer.decode):
+                                  self.tokenizer.decode, prefix_cache=self.prefixes):
             if first_token_at is None:
                 first_token_at = time.perf_counter() - t0
             if ev.token is not None:
@@ -172,7 +176,7 @@ class Engine:
         ids: list[int] = []
         sent = 0
         for ev in generate_tokens(self.model.lm, [prompt], _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
-                                  self.tokenizer.decode):
+                                  self.tokenizer.decode, prefix_cache=self.prefixes):
             if ev.token is not None:
                 ids.append(ev.token)
             text, stopped = cut_at_stop(self.tokenizer.decode(ids), stops)

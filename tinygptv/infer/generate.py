@@ -11,6 +11,7 @@ Every surface (``model.generate``, the engine, CLI, HTTP API) consumes :func:`ge
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -116,13 +117,91 @@ class StopMatcher:
         return any(s in tail for s in self.stops)
 
 
+class PrefixCache:
+    """Keys/values of recent single-request prompts, reused by a later prompt that starts the same way.
+
+    A second question about the same image shares everything up to (at least) the image tokens; the next turn
+    of a chat shares the whole previous prompt. The match is on the prompt's embedding rows and mask (exact
+    equality), so nothing about templates or tokens needs to be known here. Bounded by ``max_bytes`` and
+    ``max_entries`` (least recently used first out); prefixes shorter than ``min_tokens`` are not worth a copy.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, max_entries: int = 16, min_tokens: int = 8):
+        self.max_bytes, self.max_entries, self.min_tokens = max_bytes, max_entries, min_tokens
+        self.entries: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, list, list]] = OrderedDict()
+        self._next = 0
+        self.hits = self.misses = self.reused_tokens = 0
+
+    def lookup(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[int, list, list]:
+        """Longest reusable prefix ``(n, keys, values)`` of ``embeds [L, C]`` (``n ≤ L - 1``: at least one
+        position is left to compute the next-token logits); ``n = 0`` when nothing useful is cached."""
+        best, best_key = 0, None
+        for key, (emb, msk, _, _) in self.entries.items():
+            n = min(emb.shape[0], embeds.shape[0] - 1)
+            if n < self.min_tokens or emb.dtype != embeds.dtype or emb.shape[1] != embeds.shape[1]:
+                continue
+            diff = (emb[:n] != embeds[:n]).any(-1) | (msk[:n] != mask[:n])
+            n = int(diff.nonzero()[0, 0]) if diff.any() else n
+            if n >= self.min_tokens and n > best:
+                best, best_key = n, key
+        if best_key is None:
+            self.misses += 1
+            return 0, [], []
+        self.entries.move_to_end(best_key)
+        self.hits += 1
+        self.reused_tokens += best
+        _, _, ks, vs = self.entries[best_key]
+        return best, [k[:, :, :best] for k in ks], [v[:, :, :best] for v in vs]
+
+    def store(self, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> None:
+        """Remember the keys/values of the prompt ``embeds [L, C]`` held in ``cache`` (batch 1)."""
+        L = embeds.shape[0]
+        ks = [k[:, :, :L].clone() for k in cache.k]
+        vs = [v[:, :, :L].clone() for v in cache.v]
+        entry = (embeds.detach().clone(), mask.clone(), ks, vs)
+        if _entry_bytes(entry) > self.max_bytes:
+            return
+        self.entries[self._next] = entry
+        self._next += 1
+        while (len(self.entries) > self.max_entries
+               or sum(_entry_bytes(e) for e in self.entries.values()) > self.max_bytes):
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _entry_bytes(entry) -> int:
+    emb, _, ks, vs = entry
+    return sum(t.numel() * t.element_size() for t in ks + vs) + emb.numel() * emb.element_size()
+
+
+def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+            prefix_cache: PrefixCache | None = None) -> torch.Tensor:
+    """Run the prompt ``[B, L, C]`` into ``cache``; last-position logits ``[B, V]``. With a ``prefix_cache``
+    (batch 1 only) the longest cached prefix is copied instead of recomputed, and the prompt is remembered."""
+    n = 0
+    if prefix_cache is not None and embeds.shape[0] == 1:
+        n, ks, vs = prefix_cache.lookup(embeds[0], mask[0])
+        for i, (k, v) in enumerate(zip(ks, vs)):
+            cache.k[i][:, :, :n] = k
+            cache.v[i][:, :, :n] = v
+        cache.length = n
+    logits = lm(inputs_embeds=embeds[:, n:], attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
+    if prefix_cache is not None and embeds.shape[0] == 1:
+        prefix_cache.store(embeds[0], mask[0], cache)
+    return logits
+
+
 @torch.no_grad()
 def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int,
-                    decode=None, pad_id: int | None = None) -> Iterator[StepEvent]:
+                    decode=None, pad_id: int | None = None,
+                    prefix_cache: PrefixCache | None = None) -> Iterator[StepEvent]:
     """Yield :class:`StepEvent` s for a batch of prompts ``([L_i, C], mask [L_i])`` (sampling or greedy).
 
     ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding
-    of ``pad_id`` (default ``eos_id``), masked out anyway.
+    of ``pad_id`` (default ``eos_id``), masked out anyway. ``prefix_cache``: see :class:`PrefixCache`
+    (used for single prompts).
     """
     if cfg.num_beams > 1:
         raise ValueError("use beam_search() for num_beams > 1")
@@ -136,7 +215,7 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
     cache = KVCache(B, L + max_new, lm.cfg, embeds.dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
     stop = StopMatcher(tuple(cfg.stop), decode) if decode is not None else StopMatcher((), None)
-    logits = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
+    logits = prefill(lm, embeds, mask, cache, prefix_cache)
     history: list[list[int]] = [[] for _ in range(B)]
     alive = [True] * B
     for step in range(max_new):
@@ -165,7 +244,8 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
 
 
 @torch.no_grad()
-def beam_search(lm: PhiLM, prompt: Prompt, cfg: GenerationConfig, eos_id: int, decode=None) -> list[int]:
+def beam_search(lm: PhiLM, prompt: Prompt, cfg: GenerationConfig, eos_id: int, decode=None,
+                prefix_cache: PrefixCache | None = None) -> list[int]:
     """Beam search for one prompt ``([L, C], [L])``; returns the best hypothesis' token ids (EOS excluded)."""
     prompt, prompt_mask = prompt
     k = cfg.num_beams
@@ -173,7 +253,7 @@ def beam_search(lm: PhiLM, prompt: Prompt, cfg: GenerationConfig, eos_id: int, d
     max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)
     cache = KVCache(1, L + max_new, lm.cfg, prompt.dtype, prompt.device)
     mask = prompt_mask[None]
-    logits = lm(inputs_embeds=prompt[None], attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
+    logits = prefill(lm, prompt[None], mask, cache, prefix_cache)
     cache.select(torch.zeros(k, dtype=torch.long, device=prompt.device))
     beams: list[tuple[float, list[int]]] = [(0.0, [])]
     done: list[tuple[float, list[int]]] = []
