@@ -32,6 +32,9 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ["hf-bf16", "ours-bf16", "ours-int8", "ours-int4"]
 PROMPT_TOKENS = 32  # text tokens after the 32 image tokens
+# TTFT questions: PROMPT_TOKENS characters each (= tokens: the random model uses a byte-level tokenizer)
+QUESTIONS = ("What is shown in the image here?", "Which colours are in the image?!")
+assert all(len(q) == PROMPT_TOKENS for q in QUESTIONS)
 
 
 def model_config(small: bool):
@@ -139,12 +142,13 @@ def bench_ours(cfg, mode: str, tokens: int) -> dict:
         model.vision.set_image_size(size)
         engine.cache.items.clear()
         engine.prefixes.clear()
-        req = engine.chat_request("What is in the image? " * 4, [img])
+        req = engine.chat_request(QUESTIONS[0], [img])
         t = time.perf_counter()
         engine.generate([req], GenerationConfig(max_new_tokens=1))
         out[f"ttft_s_{size}"] = time.perf_counter() - t
+        out["ttft_prompt_tokens"] = engine.prompt_embeddings(req)[0].shape[0]  # (image cached by now)
         if size == 224:  # a different follow-up question about the same image
-            follow = engine.chat_request("Which colours do you see? " * 4, [img])
+            follow = engine.chat_request(QUESTIONS[1], [img])
             t = time.perf_counter()
             engine.generate([follow], GenerationConfig(max_new_tokens=1))
             out["ttft_s_224_cached"] = time.perf_counter() - t
@@ -222,13 +226,25 @@ def bench_hf(cfg, tokens: int) -> dict:
             feats = vision(pixel_values=px, interpolate_pos_encoding=size != 224).last_hidden_state
             q = qformer(query_embeds=query, encoder_hidden_states=feats).last_hidden_state
             img_emb = proj(q)
-            ids = torch.randint(0, 256, (1, PROMPT_TOKENS), generator=g)
-            embeds = torch.cat([img_emb, emb(ids)], 1)
+            before, after = (torch.randint(0, 256, (1, n), generator=g) for n in ttft_layout())
+            embeds = torch.cat([emb(before), img_emb, emb(after)], 1)
             phi.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                          max_new_tokens=1, do_sample=False, pad_token_id=0)
         out[f"ttft_s_{size}"] = time.perf_counter() - t0
+    out["ttft_prompt_tokens"] = sum(ttft_layout()) + cfg.qformer.num_queries
     out["lm_weight_bytes"] = sum(p.numel() * p.element_size() for p in phi.parameters()) - emb.weight.numel() * 2
     return out
+
+
+def ttft_layout() -> tuple[int, int]:
+    """Text tokens before and after the image in our TTFT prompt (BOS + stage-4 template + question, byte-level
+    tokens); the transformers side is given exactly as many, so both prefill the same sequence length."""
+    from tinygptv.templates import IMAGE_PLACEHOLDER, get_template
+    from tinygptv.tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level(eos_id=256)
+    before, after = get_template("stage4").user_turn(QUESTIONS[0], True).split(IMAGE_PLACEHOLDER)
+    return 1 + len(tok.encode(before)), len(tok.encode(after))
 
 
 def read_bandwidth_gbs() -> float:
