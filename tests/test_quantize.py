@@ -102,3 +102,17 @@ def test_chunked_quantization_equals_whole(monkeypatch):
     scale = w.abs().amax(1) / 127
     assert torch.equal(whole[0].qweight, torch.round(w / scale[:, None]).to(torch.int8))
     assert (whole[2].dequantize() - w).abs().max() < (w.abs().max() * 2 / 15)
+
+
+def test_kernels_are_packed_at_load(tmp_path, ids):
+    from tinygptv.infer.quantize import dynamic_int8_available
+
+    if not dynamic_int8_available():
+        pytest.skip("no fbgemm/x86 quantized engine")
+    model = tinygptv.load("small", seed=1, quantize="int8")
+    lins = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert lins and all(m._packed is not None and m.qweight.numel() == 0 for m in lins)  # no unpacked copy kept
+    tinygptv.save(model, tmp_path / "q")  # saving unpacks from the kernel's copy
+    again = tinygptv.load(tmp_path / "q")
+    assert all(m._packed is not None for m in again.modules() if isinstance(m, Int8Linear))
+    assert torch.equal(logits(again, ids), logits(model, ids))
