@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tinygptv
+from tinygptv.eval.base import VQA_SHORT_ANSWER
 from tinygptv.synth.text import caption
 from tinygptv.synth.world import COLOURS, SHAPES, Scene
 from tinygptv.templates import get_template
@@ -48,8 +49,7 @@ def image_dependence(model, eval_root: Path, n: int) -> dict[str, float]:
     qa_true = qa_other = 0.0
     for i, it in enumerate(items):
         other = items[(i + 1) % len(items)]
-        prompt = wrapper.user_turn(f"[vqa] Based on the image, respond to this question with a short answer: "
-                                   f"{it['query']}", True)
+        prompt = wrapper.user_turn(VQA_SHORT_ANSWER.format(it["query"]), True)
         qa_true += model.loglikelihood(eval_root / it["image"], prompt, it["answer"])
         qa_other += model.loglikelihood(eval_root / other["image"], prompt, it["answer"])
     scenes = _scenes(eval_root / "scenes.jsonl")[:n]

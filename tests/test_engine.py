@@ -137,3 +137,13 @@ def test_prefix_cache_bounds(tiny_model, red_image):
     assert not engine.prefixes.entries
     assert a[0].token_ids == Engine(tiny_model, prefix_cache_mb=0).generate(
         [engine.chat_request("q", [red_image])], GenerationConfig(max_new_tokens=3))[0].token_ids
+
+
+def test_prefix_cache_keeps_one_entry_per_conversation(tiny_model, red_image):
+    engine = Engine(tiny_model)
+    req = engine.chat_request("same question", [red_image])
+    for _ in range(3):
+        engine.generate([req], GenerationConfig(max_new_tokens=2))
+    assert len(engine.prefixes.entries) == 1  # a repeated (or extended) prompt replaces the entry it covers
+    engine.generate([engine.chat_request("another question", [red_image])], GenerationConfig(max_new_tokens=2))
+    assert len(engine.prefixes.entries) == 2

@@ -137,11 +137,7 @@ class PrefixCache:
         position is left to compute the next-token logits); ``n = 0`` when nothing useful is cached."""
         best, best_key = 0, None
         for key, (emb, msk, _, _) in self.entries.items():
-            n = min(emb.shape[0], embeds.shape[0] - 1)
-            if n < self.min_tokens or emb.dtype != embeds.dtype or emb.shape[1] != embeds.shape[1]:
-                continue
-            diff = (emb[:n] != embeds[:n]).any(-1) | (msk[:n] != mask[:n])
-            n = int(diff.nonzero()[0, 0]) if diff.any() else n
+            n = _common_prefix(emb, msk, embeds[:-1], mask[:-1])
             if n >= self.min_tokens and n > best:
                 best, best_key = n, key
         if best_key is None:
@@ -161,6 +157,10 @@ class PrefixCache:
         entry = (embeds.detach().clone(), mask.clone(), ks, vs)
         if _entry_bytes(entry) > self.max_bytes:
             return
+        covered = [key for key, (emb, msk, _, _) in self.entries.items()
+                   if _common_prefix(emb, msk, embeds, mask) == emb.shape[0]]
+        for key in covered:  # the new prompt extends (or repeats) them: they can never be the longest match
+            del self.entries[key]
         self.entries[self._next] = entry
         self._next += 1
         while (len(self.entries) > self.max_entries
@@ -169,6 +169,15 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+def _common_prefix(emb: torch.Tensor, msk: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> int:
+    """Number of leading rows on which ``(emb, msk)`` and ``(embeds, mask)`` agree exactly."""
+    n = min(emb.shape[0], embeds.shape[0])
+    if emb.dtype != embeds.dtype or emb.shape[1] != embeds.shape[1]:
+        return 0
+    diff = (emb[:n] != embeds[:n]).any(-1) | (msk[:n] != mask[:n])
+    return int(diff.nonzero()[0, 0]) if diff.any() else n
 
 
 def _entry_bytes(entry) -> int:

@@ -277,14 +277,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | str, fetch=None) -> nn.M
         merge_lora(lm)
     compute = torch.float32 if cfg.mode == "int8" else torch.bfloat16
 
-    read = [0]
+    releaser = _Releaser()  # floating-point layers come and go: hand their memory back now and then
 
     def weights(name: str, lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         got = fetch(name, lin) if fetch is not None else None
-        read[0] += lin.weight.numel()
-        if read[0] >= 1 << 26:  # floating-point layers come and go: hand their memory back now and then
-            release_memory()
-            read[0] = 0
+        releaser.add(lin.weight.numel())
         return got if got is not None else (lin.weight, getattr(lin, "bias", None))
 
     def packed(mod: Int8Linear | Int4Linear) -> nn.Module:
@@ -309,7 +306,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | str, fetch=None) -> nn.M
         _replace_linears(model.vision, vision_linear, "vision")
         _replace_linears(model.qformer, vision_linear, "qformer")
     model.quantization = cfg
-    prepare_kernels(model)
+    release_memory()
     return model
 
 
@@ -331,18 +328,32 @@ def release_memory() -> None:
 _LIBC = None
 
 
+TRIM_EVERY = 1 << 26  # weight elements handled between two release_memory() calls while loading
+
+
+class _Releaser:
+    """Calls :func:`release_memory` after every :data:`TRIM_EVERY` weight elements handled."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if self.count >= TRIM_EVERY:
+            release_memory()
+            self.count = 0
+
+
 @torch.no_grad()
-def prepare_kernels(model: nn.Module, trim_every: int = 1 << 28) -> None:
-    """Pack every quantized linear for its CPU kernel now, releasing freed memory every ``trim_every`` bytes,
-    so that the first request does not pay for packing and peak memory stays near the packed size."""
-    done = 0
+def prepare_kernels(model: nn.Module) -> None:
+    """Pack every quantized linear for its CPU kernel now (those :func:`quantize_model` made are packed already;
+    this is for weights read as quantized tensors), so the first request does not pay for packing and peak
+    memory stays near the packed size."""
+    releaser = _Releaser()
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
-            done += m.in_features * m.out_features
-            if done >= trim_every:
-                release_memory()
-                done = 0
+            releaser.add(m.in_features * m.out_features)
     release_memory()
 
 
