@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 RECIPE_DIR = Path(tinygptv.__file__).parent / "configs" / "train"
 SIZES = (64, 128)  # stages 1-3, stage 4
 LM_STEPS, VISION_STEPS = 1000, 1500  # stage 0
+LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 
 
 def nano_config(vocab_size: int) -> ModelConfig:
@@ -86,6 +87,15 @@ def _max_batch(cfg: StageConfig) -> int:
     return max(v["batch_size"] for v in cfg.data.mixture.values())
 
 
+def scene_documents(seed: int, n: int, size: int = 128) -> list[str]:
+    """``n`` text documents about fresh random scenes (no images): a description, then questions answered by it."""
+    from tinygptv.synth.text import document
+    from tinygptv.synth.world import sample_scene
+
+    rng = random.Random(f"documents-{seed}")
+    return [document(sample_scene(rng, f"doc-{seed}-{i}", image_size=size), rng) for i in range(n)]
+
+
 def scene_pairs(seed: int, size: int):
     """(image, dense grounded description, auxiliary targets) of fresh scenes for stage-0 vision pretraining."""
     from tinygptv.synth.render import render
@@ -121,16 +131,27 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # this call
+    times_file = out / "timings.json"  # every step's time when it ran (a continued recipe keeps the first ones)
+    recorded: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
+
+    def ran(name: str, t0: float, did: bool) -> None:
+        timings[name] = time.perf_counter() - t0
+        if did:
+            recorded[name] = round(timings[name], 1)
+            times_file.write_text(json.dumps(recorded, indent=2))
+
     t = time.perf_counter()
     world = out / "world"
-    if not (world / "world.json").is_file():
+    todo = not (world / "world.json").is_file()
+    if todo:
         generate_world(world, seed=seed, scale=world_scale, eval_size=eval_size, force=True)
-    timings["synth"] = time.perf_counter() - t
+    ran("synth", t, todo)
 
     base = out / "stage0" / "base"
-    if not (base / "config.yaml").is_file():
-        t = time.perf_counter()
+    todo = not (base / "config.yaml").is_file()
+    t = time.perf_counter()
+    if todo:
         lines = (world / "corpus.txt").read_text(encoding="utf-8").splitlines()
         tok = stage0.train_tokenizer(lines, 1024, out / "stage0" / "tokenizer")
         cfg = nano_config(tok.vocab_size)
@@ -138,23 +159,30 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         if lm_file.is_file():
             lm_state = load_file(str(lm_file))
         else:
-            lm_state = stage0.pretrain_lm(cfg, tok, lines, steps=max(2, round(LM_STEPS * steps_scale)), seed=seed)
+            docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
+            lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
+                                          seed=seed)
             save_file(lm_state, str(lm_file))
-        timings["stage0_lm"] = time.perf_counter() - t
+        ran("stage0_lm", t, True)
         t = time.perf_counter()
         vis, qf = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed)
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed)
-        timings["stage0_vision"] = time.perf_counter() - t
+        ran("stage0_vision", t, True)
+    else:
+        ran("stage0_lm", t, False)
+        ran("stage0_vision", t, False)
     init: Path = base
     for name in ("stage1", "stage2", "stage3", "stage4"):
         t = time.perf_counter()
         final = out / name / "final"
-        if not (final / "config.yaml").is_file():
+        todo = not (final / "config.yaml").is_file()
+        if todo:
             train(stage_config(name, init, steps_scale), world, out / name, resume=True)
-        timings[name] = time.perf_counter() - t
+        ran(name, t, todo)
         init = final
-    summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "final": str(init)}
+    summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "step_times_s": recorded,
+               "final": str(init)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -117,6 +117,10 @@ class AuxHeads(torch.nn.Module):
         self.n, self.grid = n, grid
         self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
         self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
+        # retrieval: a key (a colour or a shape) attends over the queries, the pooled query names the other one
+        self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"], q_dim)
+        self.bind_q = torch.nn.Linear(q_dim, q_dim)
+        self.bind_out = torch.nn.Linear(q_dim, n["colour"] + n["shape"])
 
     def loss(self, feats: torch.Tensor, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
         n = self.n
@@ -136,7 +140,22 @@ class AuxHeads(torch.nn.Module):
             loss = loss + F.cross_entropy(logits.reshape(-1, k), tgt)
         loss = loss + F.cross_entropy(count, torch.tensor([t["count"] for t in targets]))
         loss = loss + F.cross_entropy(word, torch.tensor([t["word"] for t in targets]))
-        return loss
+        return loss + self.bind_loss(queries, targets)
+
+    def bind_loss(self, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        """"What colour is the star?" as one attention hop over the queries — the read an LM head will do — so
+        the queries learn to carry each object's attributes together (measured on the nano tower: the same
+        objective on mean-pooled queries cannot bind, per-query binding is what the LM needs)."""
+        off = self.n["colour"]  # shape ids follow the colour ids in the key and label vocabularies
+        rows = [(b, key + off * by_shape, label + off * (not by_shape))
+                for b, t in enumerate(targets) for by_shape, key, label in t["bind"]]
+        if not rows:
+            return queries.sum() * 0.0
+        b, key, label = (torch.tensor(x) for x in zip(*rows))
+        out = queries.float()[b]  # [P, Q, H]
+        probe = self.bind_q(self.bind_key(key))  # [P, H]
+        attn = torch.softmax(torch.einsum("pqh,ph->pq", out, probe) / out.shape[-1] ** 0.5, dim=-1)
+        return F.cross_entropy(self.bind_out(torch.einsum("pq,pqh->ph", attn, out)), label)
 
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
@@ -152,6 +171,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
                     lora=replace(cfg.lora, r=0))
     model = TinyGPTV(plain)
     _init_(model, seed)
+    _fan_in_init_(model.qformer, seed)
     model.lm.load_state_dict(lm_state)
     match_embedding_scale(model, seed)
     model.tokenizer = tok
@@ -220,10 +240,14 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
         in_word = [int(wx <= (j + 0.5) * W / grid < wx + ww and wy <= (i + 0.5) * H / grid < wy + wh)
                    for i in range(grid) for j in range(grid)]
     coarse = labels(AUX_GRID)
+    colours, shapes = [c for _, c, _, _ in objects], [sh for _, _, sh, _ in objects]
+    # (is the key a shape, key id, label id): "the star is …" → its colour, "the red one is …" → its shape
+    bind = [(True, sh, c) for c, sh in zip(colours, shapes) if shapes.count(sh) == 1]
+    bind += [(False, c, sh) for c, sh in zip(colours, shapes) if colours.count(c) == 1]
     return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
                       "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
             "grid_colour": torch.tensor([c for c, _, _ in coarse]), "grid_shape": torch.tensor([s for _, s, _ in coarse]),
-            "count": min(len(objects), 4), "word": word}
+            "count": min(len(objects), 4), "word": word, "bind": bind}
 
 
 def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state: dict, qformer_state: dict,
@@ -261,6 +285,17 @@ def match_embedding_scale(model: TinyGPTV, seed: int = 0) -> float:
     rms = model.projector(probe.to(proj2.weight.dtype)).float().pow(2).mean().sqrt()
     proj2.weight.mul_(target / rms)
     return float(target)
+
+
+@torch.no_grad()
+def _fan_in_init_(module: torch.nn.Module, seed: int) -> None:
+    """N(0, 1/fan_in) for the matrices: with N(0, 0.02) at width 128 the cross-attention starts uniform and its
+    query/key weights get ~500x smaller gradients than its values; the nano tower then learns binding about half
+    as fast (measured: colour-of-shape retrieval 25 % vs 51 % after 200 steps)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in module.named_parameters():
+        if p.dim() == 2 and "norm" not in name:
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
 
 
 @torch.no_grad()

@@ -200,6 +200,17 @@ def sample_questions(scene: Scene, rng: random.Random, k: int,
     return out
 
 
+def document(scene: Scene, rng: random.Random, k: int = 4) -> str:
+    """A description of the scene followed by ``k`` of its questions with their answers, one per line.
+
+    Text-only pretraining on such documents is where the nano language model learns to answer from its context
+    (a pretrained LM like Phi-2 brings that ability; a LM trained on isolated lines has none: measured, it
+    answers colour/shape questions about a description in its context at chance).
+    """
+    head = detail(scene) if rng.random() < 0.5 else caption(scene, rng)
+    return "\n".join([head] + [f"{qa.question} {qa.answer}" for qa in sample_questions(scene, rng, k)])
+
+
 def unanswerable(scene: Scene, rng: random.Random) -> QA:
     """A question about something absent (an absent shape's colour, or the word when there is none)."""
     absent = [s for s in SHAPES if scene.count(shape=s) == 0]
