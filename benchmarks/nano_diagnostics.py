@@ -8,8 +8,12 @@
    from query ``i`` the colour and shape of the object centred in cell ``i`` of a 4×4 grid (16 queries), on the
    world's training images, scored on held-out scenes. Accuracy on occupied cells at 0 means the queries carry
    no per-location attributes, so "what colour is the star?" has nothing to bind to.
+3. **Can the stage-0 LM answer from its context?** Text only: a description of a fresh scene, then a colour or
+   shape question about it; the answer ranked by likelihood among all colours / shapes. At chance the LM has no
+   way to read answers out of what precedes them — image tokens included. ``--compare-lm`` scores another
+   stage-0 LM (same tokenizer) beside it, e.g. one from an older recipe.
 
-Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano]`` (after ``tinygptv train --recipe nano
+Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]`` (after ``tinygptv train --recipe nano
 --output runs/nano``); writes ``benchmarks/results/nano-diagnostics.{md,json}``.
 """
 
@@ -113,11 +117,52 @@ def slot_probe(model, world: Path, n_train: int, n_test: int, steps: int = 500) 
             "occupied_shape_acc": 100 * float(shape_ok), "occupied_fraction": 100 * float(occupied.float().mean())}
 
 
+@torch.no_grad()
+def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, float]:
+    """Accuracy (%) of a stage-0 LM answering colour / shape questions about a description in its context."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from tinygptv.model.phi import PhiLM
+    from tinygptv.nano.recipe import nano_config
+    from tinygptv.synth.text import detail, questions
+    from tinygptv.synth.world import sample_scene
+    from tinygptv.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tokenizer_dir)
+    cfg = nano_config(tok.vocab_size).lm
+    lm = PhiLM(replace(cfg, qk_norm=False, post_attn_norm=False))
+    lm.load_state_dict(load_file(str(lm_file)))
+    lm.eval()
+    rng = random.Random(99)
+    right = {"colour": 0, "shape": 0}
+    total = {"colour": 0, "shape": 0}
+    for i in range(n):
+        scene = sample_scene(rng, f"context-{i}")
+        cat = ("colour", "shape")[i % 2]
+        pool = questions(scene, rng)[cat]
+        if not pool:
+            continue
+        qa = rng.choice(pool)
+        context = tok.encode(detail(scene) + "\n" + qa.question)
+        cands = list(COLOURS) if cat == "colour" else list(SHAPES)
+        scores = []
+        for c in cands:
+            ids = torch.tensor([context + tok.encode(f" {c}\n")])
+            logp = torch.log_softmax(lm(ids)[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            scores.append(float(logp[len(context) - 1:].sum()))
+        right[cat] += cands[max(range(len(cands)), key=scores.__getitem__)] == qa.answer
+        total[cat] += 1
+    return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": sum(total.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/nano", help="output folder of `tinygptv train --recipe nano`")
     ap.add_argument("--n", type=int, default=40, help="held-out items for the likelihood gaps")
     ap.add_argument("--probe-train", type=int, default=3000)
+    ap.add_argument("--compare-lm", help="another stage-0 lm.safetensors (same tokenizer) for measurement 3")
     args = ap.parse_args()
     torch.manual_seed(0)
     run = Path(args.run)
@@ -129,6 +174,11 @@ def main() -> None:
         print(stage, report["stages"][stage], flush=True)
     report["slot_probe"] = slot_probe(model, world, args.probe_train, 400)
     print("slot probe", report["slot_probe"], flush=True)
+    lms = {"this run": run / "stage0" / "lm.safetensors"}
+    if args.compare_lm:
+        lms[args.compare_lm] = Path(args.compare_lm)
+    report["context_qa"] = {name: context_qa(path, run / "stage0" / "tokenizer") for name, path in lms.items()}
+    print("context QA", report["context_qa"], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-diagnostics.json").write_text(json.dumps(report, indent=1))
     lines = ["# Nano model diagnostics", "", f"Run: `{run}`. Produced by `python benchmarks/nano_diagnostics.py`.", "",
@@ -145,6 +195,9 @@ def main() -> None:
                  f"occupied-cell accuracy colour {p['occupied_colour_acc']:.1f} %, shape "
                  f"{p['occupied_shape_acc']:.1f} % ({p['occupied_fraction']:.0f} % of cells occupied; a probe "
                  f"that always answers 'empty' scores 0).")]
+    lines += ["", "Stage-0 LM answering from its context (text only: a scene description, then a colour / shape "
+              "question; chance 12.5 % / 16.7 %):", "", "| LM | colour % | shape % | items |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['colour']:.1f} | {r['shape']:.1f} | {r['n']} |" for name, r in report["context_qa"].items()]
     (RESULTS / "nano-diagnostics.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
