@@ -67,3 +67,34 @@ def test_identify_metric_resolves_referring_expressions():
     assert refers_to("the square on the right", objs) is objs[1]
     assert refers_to("the object on the left", objs) is objs[0]
     assert refers_to("a green star", objs) is None
+
+
+def test_stage0_retrieval_targets_and_head():
+    """The one-hop retrieval head: targets name only unambiguous keys, and the head can read them from queries."""
+    import torch
+
+    from tinygptv.nano.stage0 import AuxHeads, dense_targets
+
+    box = (0.0, 0.0, 10.0, 10.0)
+    # colour ids / shape ids from 1: two red objects (colour 1) of shapes 2 and 3, one blue (2) of shape 2
+    objects = [(box, 1, 2, 1), (box, 1, 3, 1), (box, 2, 2, 1)]
+    t = dense_targets(objects, None, 0, (64, 64), 8)
+    assert sorted(t["bind"]) == [(False, 2, 2), (True, 3, 1)]  # shape 2 and colour 1 are ambiguous keys
+    n = {"colour": 4, "shape": 4, "size": 3, "word": 2}
+    torch.manual_seed(0)
+    heads = AuxHeads(8, 8, 4, n, 2)
+    # query 0 says "blue shape-2", query 1 "red shape-3": the head must learn to attend and read
+    queries = torch.zeros(1, 4, 8)
+    queries[0, 0, 0] = queries[0, 1, 1] = 3.0
+    queries.requires_grad_(True)
+    first = heads.bind_loss(queries, [t])
+    first.backward()
+    assert queries.grad.abs().sum() > 0
+    opt = torch.optim.Adam(heads.parameters(), 0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        loss = heads.bind_loss(queries.detach(), [t])
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first.item()
+    assert heads.bind_loss(queries, [{"bind": []}]).item() == 0.0

@@ -12,7 +12,7 @@ import pytest
 from tinygptv.data.processors import box_coords, parse_grounded
 from tinygptv.synth.font import word_mask
 from tinygptv.synth.render import render
-from tinygptv.synth.text import caption, detail, grounded_caption, questions, statements
+from tinygptv.synth.text import caption, detail, document, grounded_caption, questions, statements
 from tinygptv.synth.world import (COLOURS, PLURALS, SHAPES, Obj, Scene, boxes_apart, referring_expressions, resolve,
                                   sample_scene)
 
@@ -123,6 +123,23 @@ def test_questions_are_correct_by_construction():
                     assert qa.answer == expected, (s.to_dict(), qa)
                     checked += 1
     assert checked > 1000
+
+
+def test_documents_describe_the_scene_then_ask_questions_it_answers():
+    """Stage-0 LM documents: a description, then question lines whose answers are right for that scene."""
+    checked = 0
+    for s in scenes(60, seed="doc"):
+        head, *qa_lines = document(s, random.Random(s.id)).split("\n")
+        rng = random.Random(s.id)  # the same draws: detail or caption, then the caption's own
+        assert head == (detail(s) if rng.random() < 0.5 else caption(s, rng))
+        assert len(qa_lines) == 4
+        for line in qa_lines:
+            question, answer = line.rsplit(" ", 1)
+            expected = independent_answer(s, question)
+            if expected is not None:
+                assert answer == expected, (s.to_dict(), line)
+                checked += 1
+    assert checked > 100
 
 
 def test_spatial_statements_and_captions_match_the_boxes():
