@@ -2,8 +2,8 @@
 
 Both are PyTorch's ``quantized::linear_dynamic`` (int8 per-channel weights, activations quantized on the fly);
 the packing decides the kernel, and a model holds one packing (two would double the weights in memory). Each
-shape of the full-size Phi-2 layer (qkv 2560→7680, dense 2560→2560, fc1 2560→10240, fc2 10240→2560) is timed at the row counts
-the engine sees: 1 (decode), 8 (batch-8 decode), 48 and 93 (prefill of a follow-up question / a whole prompt).
+shape of the full-size Phi-2 layer (qkv 2560→7680, dense 2560→2560, fc1 2560→10240, fc2 10240→2560) is timed
+at the row counts the engine sees: 1 (decode), 8 (batch-8 decode), 48 and 93 (prefill of a follow-up question / a whole prompt).
 Weights cycle over ``--layers`` distinct packed copies so they stream from memory as in a real forward pass
 (a single warm matrix would sit in the last-level cache). Best of 3.
 
@@ -21,25 +21,29 @@ import argparse
 import json
 import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from tinygptv.infer.quantize import Int8Linear
+
 RESULTS = Path(__file__).parent / "results"
-SHAPES = {"qkv 2560→7680": (2560, 7680), "dense 2560→2560": (2560, 2560), "fc1 2560→10240": (2560, 10240), "fc2 10240→2560": (10240, 2560)}
+SHAPES = {"qkv 2560→7680": (2560, 7680), "dense 2560→2560": (2560, 2560), "fc1 2560→10240": (2560, 10240),
+          "fc2 10240→2560": (10240, 2560)}
 ROWS = (1, 8, 48, 93)
 ENGINES = ("fbgemm", "onednn")
 
 
 def pack(weight: torch.Tensor, engine: str):
+    """The engine's packed weight, quantized and packed exactly as :class:`Int8Linear` does it."""
+    previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
-    scale = (weight.abs().amax(1) / 127).clamp(min=1e-8)
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qt, None)
+    try:
+        mod = Int8Linear.from_weight(weight, None, "dynamic")
+        mod.prepare()
+        return mod._packed
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def time_per_layer(x: torch.Tensor, packed: list) -> float:
@@ -78,7 +82,8 @@ def main() -> None:
     lines = ["# int8 CPU kernels: fbgemm vs oneDNN (ms per linear, weights streaming from memory)", "",
              f"{meta['machine']}, {meta['threads']} threads, torch {meta['torch']}. "
              "Produced by `python benchmarks/int8_kernels.py`.", "",
-             "| shape | rows | " + " | ".join(available) + " | oneDNN / fbgemm |", "|---|---|" + "---|" * (len(available) + 1)]
+             "| shape | rows | " + " | ".join(available) + " | oneDNN / fbgemm |",
+             "|---|---|" + "---|" * (len(available) + 1)]
     for name in SHAPES:
         for m in ROWS:
             vals = [ms[(name, e, m)] for e in available]

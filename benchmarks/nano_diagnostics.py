@@ -13,8 +13,8 @@
    way to read answers out of what precedes them — image tokens included. ``--compare-lm`` scores another
    stage-0 LM (same tokenizer) beside it, e.g. one from an older recipe.
 
-Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]`` (after ``tinygptv train --recipe nano
---output runs/nano``); writes ``benchmarks/results/nano-diagnostics.{md,json}``.
+Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]`` (after
+``tinygptv train --recipe nano --output runs/nano``); writes ``benchmarks/results/nano-diagnostics.{md,json}``.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, fl
     from safetensors.torch import load_file
 
     from tinygptv.model.phi import PhiLM
+    from tinygptv.model.sequence import IGNORE_INDEX, token_logprobs
     from tinygptv.nano.recipe import nano_config
     from tinygptv.synth.text import detail, questions
     from tinygptv.synth.world import sample_scene
@@ -150,8 +151,9 @@ def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, fl
         scores = []
         for c in cands:
             ids = torch.tensor([context + tok.encode(f" {c}\n")])
-            logp = torch.log_softmax(lm(ids)[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
-            scores.append(float(logp[len(context) - 1:].sum()))
+            labels = ids.clone()
+            labels[:, :len(context)] = IGNORE_INDEX  # score the answer only
+            scores.append(float(token_logprobs(lm(ids), labels)[0]))
         right[cat] += cands[max(range(len(cands)), key=scores.__getitem__)] == qa.answer
         total[cat] += 1
     return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": sum(total.values())}
