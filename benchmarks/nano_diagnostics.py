@@ -1,4 +1,4 @@
-"""Why the nano model misses its targets: two measurements on the checkpoints of a nano recipe run.
+"""Why the nano model misses its targets: four measurements on the checkpoints of a nano recipe run.
 
 1. **Does the LM read the image?** Mean log-likelihood of the right answer to the held-out colour / shape
    questions (GQA-style set, in the evaluation wrapper) with the question's own image vs. another scene's image,
@@ -13,7 +13,13 @@
    way to read answers out of what precedes them — image tokens included. ``--compare-lm`` scores another
    stage-0 LM (same tokenizer) beside it, e.g. one from an older recipe.
 
-Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]`` (after
+4. **Does the vision tower see shapes?** One object per fresh scene; linear probes trained on 1500 scenes and
+   scored on 300 predict its shape from the mean of the ViT's patch features and from the flattened Q-Former
+   queries of the stage-0 base. ``--compare-tower`` probes another checkpoint's (frozen, so unchanged since its
+   stage 0) tower beside it, e.g. an older bundled model.
+
+Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]
+[--compare-tower OTHER_CHECKPOINT]`` (after
 ``tinygptv train --recipe nano --output runs/nano``); writes ``benchmarks/results/nano-diagnostics.{md,json}``.
 """
 
@@ -159,12 +165,55 @@ def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, fl
     return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": sum(total.values())}
 
 
+def shape_probe(checkpoint: Path, n_train: int = 1500, n_test: int = 300, steps: int = 300,
+                size: int = 64) -> dict[str, float]:
+    """Accuracy (%) of linear probes reading a single object's shape from the vision tower of ``checkpoint``,
+    at ``size`` px (the stage 1-3 resolution)."""
+    from tinygptv.synth.render import render
+    from tinygptv.synth.world import sample_scene
+
+    model = tinygptv.load(checkpoint).eval()
+    if model.image_size != size:
+        model.vision.set_image_size(size)
+    rng = random.Random(7)
+
+    @torch.no_grad()
+    def features(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scenes = [sample_scene(rng, f"shape-{i}", n_objects=1) for i in range(n)]
+        vit, queries = [], []
+        for start in range(0, n, 64):
+            px = model.pixel_values([render(s) for s in scenes[start:start + 64]])
+            feats = model.vision(px)
+            vit.append(feats[:, 1:].mean(1).float())
+            queries.append(model.qformer(feats).flatten(1).float())
+        labels = torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
+        return torch.cat(vit), torch.cat(queries), labels
+
+    vit_tr, q_tr, y_tr = features(n_train)
+    vit_te, q_te, y_te = features(n_test)
+    out = {}
+    for name, x_tr, x_te in (("vit_mean", vit_tr, vit_te), ("qformer", q_tr, q_te)):
+        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(x_tr.shape[1], len(SHAPES))
+        opt = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=1e-4)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe((x_tr - mu) / sd), y_tr)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out[name] = 100 * float((probe((x_te - mu) / sd).argmax(-1) == y_te).float().mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/nano", help="output folder of `tinygptv train --recipe nano`")
     ap.add_argument("--n", type=int, default=40, help="held-out items for the likelihood gaps")
     ap.add_argument("--probe-train", type=int, default=3000)
     ap.add_argument("--compare-lm", help="another stage-0 lm.safetensors (same tokenizer) for measurement 3")
+    ap.add_argument("--compare-tower", help="another checkpoint whose vision tower measurement 4 probes too")
     args = ap.parse_args()
     torch.manual_seed(0)
     run = Path(args.run)
@@ -181,6 +230,11 @@ def main() -> None:
         lms[args.compare_lm] = Path(args.compare_lm)
     report["context_qa"] = {name: context_qa(path, run / "stage0" / "tokenizer") for name, path in lms.items()}
     print("context QA", report["context_qa"], flush=True)
+    towers = {"this run": run / "stage0" / "base"}
+    if args.compare_tower:
+        towers[args.compare_tower] = Path(args.compare_tower)
+    report["shape_probe"] = {name: shape_probe(path) for name, path in towers.items()}
+    print("shape probe", report["shape_probe"], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-diagnostics.json").write_text(json.dumps(report, indent=1))
     lines = ["# Nano model diagnostics", "", f"Run: `{run}`. Produced by `python benchmarks/nano_diagnostics.py`.", "",
@@ -200,6 +254,10 @@ def main() -> None:
     lines += ["", "Stage-0 LM answering from its context (text only: a scene description, then a colour / shape "
               "question; chance 12.5 % / 16.7 %):", "", "| LM | colour % | shape % | items |", "|---|---|---|---|"]
     lines += [f"| {name} | {r['colour']:.1f} | {r['shape']:.1f} | {r['n']} |" for name, r in report["context_qa"].items()]
+    lines += ["", "Vision tower seeing shapes (one object per scene; linear probes, 1500 train / 300 test scenes; "
+              f"chance {100 / len(SHAPES):.1f} %):", "", "| tower | from mean ViT patch % | from Q-Former queries % |",
+              "|---|---|---|"]
+    lines += [f"| {name} | {r['vit_mean']:.1f} | {r['qformer']:.1f} |" for name, r in report["shape_probe"].items()]
     (RESULTS / "nano-diagnostics.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

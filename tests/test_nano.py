@@ -98,3 +98,20 @@ def test_stage0_retrieval_targets_and_head():
         opt.step()
     assert loss.item() < 0.1 * first.item()
     assert heads.bind_loss(queries, [{"bind": []}]).item() == 0.0
+
+
+def test_stage0_lm_windows_start_at_line_starts():
+    from tinygptv.nano.stage0 import line_windows
+    from tinygptv.tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level()
+    lines = ["a red star.\nwhat color is the star? red", "short", "x" * 30, "the end"]
+    data, starts = line_windows(tok, lines, seq_len=8)
+    eos = tok.eos_id
+    assert int((data == eos).sum()) == len(lines) and int(data[-1]) == eos
+    ends = (data == eos).nonzero().flatten().tolist()
+    assert starts.tolist() == [0, *[e + 1 for e in ends[:-1]]][: len(starts)]
+    assert all(s + 9 <= len(data) for s in starts.tolist())
+    assert len(starts) == 3  # the last line is too close to the end of the stream for a 9-token window
+    with pytest.raises(ValueError, match="too small"):
+        line_windows(tok, ["ab"], seq_len=8)

@@ -193,3 +193,20 @@ def test_two_process_gloo_matches_one_process(custom_data, tmp_path):
     logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
     assert len(logs) == 2
     assert sum("saved checkpoint" in t for t in logs.values()) == 1
+
+
+def test_amp_auto_uses_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch):
+    from tinygptv.config import ConfigError
+    from tinygptv.train import loop
+    from tinygptv.train.config import RunConfig
+
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, fast in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert loop.fast_bf16(cpu) is fast
+        assert loop.resolve_amp("auto", cpu) == ("bf16" if fast else "none")
+        assert loop.resolve_amp("bf16", cpu) == "bf16"  # an explicit choice is kept
+    assert RunConfig(amp="auto").amp == "auto"
+    with pytest.raises(ConfigError, match="run.amp"):
+        RunConfig(amp="fp8")

@@ -2,9 +2,11 @@
 
 Stages 1–4 run the paper's own stage configs (``configs/train/stage{1..4}.yaml``: trainable sets, templates,
 task tags, schedules, datasets and their ratios) with the nano overrides below — smaller batches, fewer steps,
-learning rates ×30 (a 3 M-parameter LM tolerates and needs larger steps; measured on a colour-question probe: 3e-3 halves the loss of 1e-3 after 200 steps), image sizes 64 → 128 px instead of
-224 → 448 (the same doubling). Every step is skipped when its output already exists, so an interrupted
-recipe continues where it stopped.
+learning rates ×30 (a 3 M-parameter LM tolerates and needs larger steps; measured on a colour-question probe:
+3e-3 halves the loss of 1e-3 after 200 steps), image sizes 64 → 128 px instead of 224 → 448 (the same doubling),
+and ``run.amp: auto`` (bf16 autocast only on CPUs with fast bf16 — AMX or AVX-512-BF16 — fp32 elsewhere, where
+emulated bf16 would make the recipe several times slower). Every step is skipped when its output already
+exists, so an interrupted recipe continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_DIR = Path(tinygptv.__file__).parent / "configs" / "train"
 SIZES = (64, 128)  # stages 1-3, stage 4
-LM_STEPS, VISION_STEPS = 1000, 1500  # stage 0
+LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 1500  # stage 0: LM, ViT alone, ViT + Q-Former through the LM
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 
 
@@ -62,7 +64,7 @@ def stage_config(name: str, init: str | Path, steps_scale: float) -> StageConfig
     over["run.iters_per_epoch"] = max(1, round(over["run.iters_per_epoch"] * steps_scale))
     over["optim.warmup_steps"] = max(1, min(round(over["optim.warmup_steps"] * steps_scale),
                                             over["run.iters_per_epoch"]))
-    over.update({"init": str(init), "run.amp": "bf16", "run.device": "cpu", "data.num_workers": 0,
+    over.update({"init": str(init), "run.amp": "auto", "run.device": "cpu", "data.num_workers": 0,
                  "run.log_every": 10, "run.keep_checkpoints": 1})
     cfg = StageConfig.from_yaml(RECIPE_DIR / f"{name}.yaml").with_overrides(over)
     cfg.data.mixture = {k: {**v, "batch_size": max(1, round(batch * v["batch_size"] / _max_batch(cfg)))}
@@ -166,7 +168,8 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         ran("stage0_lm", t, True)
         t = time.perf_counter()
         vis, qf = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
-                                         steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed)
+                                         steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
+                                         vit_steps=max(2, round(VIT_STEPS * steps_scale)))
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed)
         ran("stage0_vision", t, True)
     else:

@@ -5,7 +5,8 @@
 2. **Language model**: a plain Phi decoder (no QK-norm, no post-attention RMSNorm, no LoRA — like the public
    Phi-2) pretrained as a causal LM on the world's text and on scene documents (a description, then questions it
    answers), so that, like Phi-2, it can answer from what precedes a question.
-3. **Vision tower**: ViT + Q-Former (+ a throw-away projection) trained BLIP-2-style through the *frozen*
+3. **Vision tower**: first the ViT alone on per-patch labels (cheap steps: a from-scratch ViT needs thousands of
+   them to tell shapes apart), then ViT + Q-Former (+ a throw-away projection) trained BLIP-2-style through the *frozen*
    pretrained LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
    embedding is stored at the stage-1–3 grid and upsampled bicubically for stage-4 images, exactly what
    ``set_image_size`` does later). The caption loss alone lets the Q-Former collapse to an image-independent
@@ -24,6 +25,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -76,18 +78,19 @@ def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, batch: int = 32,
-                seq_len: int = 96, lr: float = 2e-3, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Causal-LM pretraining of the plain Phi decoder on ``lines``; returns its state dict."""
+                seq_len: int = 128, lr: float = 2e-3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Causal-LM pretraining of the plain Phi decoder on ``lines``; returns its state dict.
+
+    The lines are concatenated (each ends with ``<|endoftext|>``) and every training window starts at the start of
+    a line, so a scene document is seen whole, description before its questions (windows at random offsets cut
+    most documents apart; measured on the same 1000 steps: answering colour questions from the context 38 % →
+    61 %, with 128-token instead of 96-token windows too).
+    """
     torch.manual_seed(seed)
     plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
     lm = PhiLM(plain)
     _init_(lm, seed)
-    stream = []
-    for line in lines:
-        stream += tok.encode(line) + [tok.eos_id]
-    data = torch.tensor(stream)
-    if data.numel() <= seq_len + 1:
-        raise ValueError("corpus too small for the sequence length")
+    data, starts = line_windows(tok, lines, seq_len)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(seed)
     lm.train()
@@ -95,8 +98,8 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
-        starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=g)
-        x = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()])
+        picked = starts[torch.randint(0, len(starts), (batch,), generator=g)]
+        x = torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
         with _autocast():
             logits = lm(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
@@ -108,6 +111,20 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
             bar.set_postfix(loss=f"{loss.item():.3f}")
     log.info("stage0 LM: final loss %.3f", loss.item())
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+
+def line_windows(tok: Tokenizer, lines: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lines as one token stream (each followed by ``<|endoftext|>``) and the offsets where a line starts and a
+    window of ``seq_len`` + 1 tokens fits."""
+    stream: list[int] = []
+    line_starts = []
+    for enc in tok.backend.encode_batch(lines, add_special_tokens=False):
+        line_starts.append(len(stream))
+        stream += enc.ids + [tok.eos_id]
+    starts = [s for s in line_starts if s + seq_len + 1 <= len(stream)]
+    if not starts:
+        raise ValueError(f"corpus too small for {seq_len}-token windows ({len(stream)} tokens)")
+    return torch.tensor(stream), torch.tensor(starts)
 
 
 class AuxHeads(torch.nn.Module):
@@ -123,7 +140,8 @@ class AuxHeads(torch.nn.Module):
         self.bind_q = torch.nn.Linear(q_dim, q_dim)
         self.bind_out = torch.nn.Linear(q_dim, n["colour"] + n["shape"])
 
-    def loss(self, feats: torch.Tensor, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+    def patch_loss(self, feats: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        """Per ViT patch: colour / shape / size of the object there, and whether the word is."""
         n = self.n
         patch_logits = self.patch(feats[:, 1:].float())  # [B, g², …]
         splits = [n["colour"], n["shape"], n["size"], 2]
@@ -133,6 +151,11 @@ class AuxHeads(torch.nn.Module):
             if tgt.shape[1] != logits.shape[1]:  # other resolution: targets are per input patch, recomputed
                 raise ValueError("dense targets do not match the patch grid")
             loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        return loss
+
+    def loss(self, feats: torch.Tensor, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        n = self.n
+        loss = self.patch_loss(feats, targets)
         q = self.query(queries.float().flatten(1))
         cells = self.grid * self.grid
         grid_c, grid_s, count, word = q.split([cells * n["colour"], cells * n["shape"], 5, n["word"]], -1)
@@ -161,11 +184,11 @@ class AuxHeads(torch.nn.Module):
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
-                    seed: int = 0) -> tuple[dict, dict]:
+                    seed: int = 0, vit_steps: int = 0) -> tuple[dict, dict]:
     """Train ViT + Q-Former (+ a temporary projection) through the frozen plain LM on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
-    Returns the ViT+``ln_vision`` and Q-Former state dicts.
+    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision`` and Q-Former state dicts.
     """
     torch.manual_seed(seed)
     plain = replace(cfg, lm=replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0),
@@ -178,9 +201,11 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     model.tokenizer = tok
     model.set_trainable(lora=False, norms=False, projector=True, qformer=True, vision=True)
     heads = AuxHeads(cfg.vision.width, cfg.qformer.hidden, cfg.qformer.num_queries, pairs.classes, AUX_GRID)
+    rng = random.Random(seed)
+    if vit_steps:
+        warm_up_vit(model.vision, heads, pairs, rng, vit_steps, min(sizes), batch, lr, cfg.vision.patch_size)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
-    rng = random.Random(seed)
     model.train()
     model.lm.eval()
     bar = tqdm(range(steps), desc="stage0 vision", mininterval=2.0)
@@ -208,6 +233,36 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
+
+
+def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: random.Random, steps: int,
+                size: int, batch: int, lr: float, patch_size: int) -> None:
+    """The ViT alone on the per-patch targets, before the Q-Former and the LM join.
+
+    A from-scratch ViT learns shapes slowly (a nano ViT trained only on per-patch shape labels, batch 16: chance
+    after 300 steps, 54 % after 1000), and in the joint stage-0 loop, whose steps cost ~5x more (Q-Former, LM), it
+    never did (single-object shape read linearly from the trained tower: 28 %, chance 17 %). This phase buys
+    those steps cheaply, at the smaller training resolution.
+    """
+    params = list(vision.parameters()) + list(heads.patch.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    vision.train()
+    bar = tqdm(range(steps), desc="stage0 ViT", mininterval=2.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+        items = pairs(rng, batch, size // patch_size)
+        px = torch.stack([preprocess(im, size) for im, _, _ in items])
+        with _autocast():
+            feats = vision(px, interpolate_pos=True)
+        loss = heads.patch_loss(feats, [t for _, _, t in items])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(patch=f"{loss.item():.3f}")
+    log.info("stage0 ViT warm-up: final patch loss %.3f", loss.item())
 
 
 AUX_GRID = 4  # the Q-Former head predicts colours and shapes on a 4x4 grid
@@ -270,8 +325,13 @@ def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state
 
 
 def _autocast():
-    """bf16 matmuls on the CPU (AMX/AVX-512 make them ~3x faster here); fp32 master weights."""
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 matmuls where the CPU has fast bf16 (AMX makes them ~3x faster than fp32), fp32 elsewhere (on AVX2
+    they are emulated and ~7x slower); fp32 master weights either way."""
+    from tinygptv.train.loop import fast_bf16
+
+    if fast_bf16(torch.device("cpu")):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ class RunConfig:
     iters_per_epoch: int = 100
     accum_grad_iters: int = 1
     clip_grad_norm: float = 0.0  # 0 = off (upstream has none)
-    amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
+    amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler) | auto (bf16 where it is fast)
     grad_checkpointing: bool = False
     seed: int = 42
     save_every: int = 0  # steps; 0 = at the end of every epoch
@@ -73,8 +73,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"run.amp {self.amp!r}: use none, bf16 or fp16")
+        if self.amp not in ("none", "bf16", "fp16", "auto"):
+            raise ConfigError(f"run.amp {self.amp!r}: use none, bf16, fp16 or auto")
 
     @property
     def total_steps(self) -> int:

@@ -127,6 +127,7 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
 
     rank, world, local_rank = distributed_env()
     device = pick_device(cfg.run.device, local_rank)
+    cfg.run.amp = resolve_amp(cfg.run.amp, device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(output_dir)
@@ -279,6 +280,27 @@ def _checkpoint(model, optimizer, scaler, loader, out: Path, step: int, nonfinit
     old = sorted(p for p in (out / "checkpoints").glob("step-*") if p.name != name)
     for p in old[: max(0, len(old) - cfg.run.keep_checkpoints + 1)]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are faster than fp32 here: CUDA with bf16 support, or a CPU with AMX / AVX-512-BF16.
+    Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates bf16 and autocast makes training several times slower
+    (measured on an AVX2 EPYC: a 3072x256x768 matmul takes 96 ms in bf16 vs 13 ms in fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` where :func:`fast_bf16`, else ``none``; other values unchanged."""
+    if amp != "auto":
+        return amp
+    chosen = "bf16" if fast_bf16(device) else "none"
+    log.info("run.amp=auto: %s on %s", chosen, device)
+    return chosen
 
 
 def _autocast(amp: str, device: torch.device):
