@@ -1,4 +1,4 @@
-"""Why the nano model misses its targets: four measurements on the checkpoints of a nano recipe run.
+"""Why the nano model misses its targets: five measurements on the checkpoints of a nano recipe run.
 
 1. **Does the LM read the image?** Mean log-likelihood of the right answer to the held-out colour / shape
    questions (GQA-style set, in the evaluation wrapper) with the question's own image vs. another scene's image,
@@ -17,6 +17,11 @@
    scored on 300 predict its shape from the mean of the ViT's patch features and from the flattened Q-Former
    queries of the stage-0 base. ``--compare-tower`` probes another checkpoint's (frozen, so unchanged since its
    stage 0) tower beside it, e.g. an older bundled model.
+
+5. **Can the paper's trainable set learn to read the tower?** A fresh base from this run's stage-0 LM and a tower
+   (this run's, and ``--compare-tower``'s), the paper's trainable set (LoRA, norms, projections), trained
+   ``--qa-steps`` steps (batch 8) on colour / shape questions about fresh scenes in the evaluation wrapper, then
+   scored on 120 held-out questions by ranking every colour / shape; with many objects per scene and with one.
 
 Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]
 [--compare-tower OTHER_CHECKPOINT]`` (after
@@ -207,6 +212,72 @@ def shape_probe(checkpoint: Path, n_train: int = 1500, n_test: int = 300, steps:
     return out
 
 
+def qa_probe(lm_file: Path, tower: Path, tokenizer_dir: Path, steps: int, single: bool, size: int = 64,
+             n_test: int = 120) -> dict[str, float]:
+    """Accuracy (%) on colour / shape questions after ``steps`` steps of the paper's trainable set on them."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from tinygptv.model.sequence import Example
+    from tinygptv.nano.recipe import nano_config
+    from tinygptv.nano.stage0 import assemble_base
+    from tinygptv.synth.render import render
+    from tinygptv.synth.text import questions
+    from tinygptv.synth.world import sample_scene
+    from tinygptv.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_folder(tokenizer_dir)
+    src = tinygptv.load(tower)
+    if src.image_size != size:
+        src.vision.set_image_size(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        assemble_base(nano_config(tok.vocab_size), tok, load_file(str(lm_file)), src.vision.state_dict(),
+                      src.qformer.state_dict(), Path(tmp))
+        model = tinygptv.load(tmp)
+    model.set_trainable()
+    wrapper = get_template("eval")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.05)
+
+    def item(rng: random.Random):
+        while True:
+            scene = sample_scene(rng, f"probe-{rng.random()}", n_objects=1 if single else None)
+            cat = rng.choice(("colour", "shape"))
+            pool = questions(scene, rng)[cat]
+            if pool:
+                return scene, cat, rng.choice(pool)
+
+    rng = random.Random(1)
+    model.train()
+    model.vision.eval()
+    model.qformer.eval()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / 30)
+        items = [item(rng) for _ in range(8)]
+        examples = [Example(wrapper.user_turn(qa.question, True), [(qa.answer + "###", True)]) for _, _, qa in items]
+        loss = model(examples, [model.pixel_values([render(sc)]) for sc, _, _ in items]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    rng = random.Random(99)
+    right = {"colour": 0, "shape": 0}
+    total = {"colour": 0, "shape": 0}
+    with torch.no_grad():
+        for _ in range(n_test):
+            scene, cat, qa = item(rng)
+            cands = list(COLOURS) if cat == "colour" else list(SHAPES)
+            image = render(scene)
+            prompt = wrapper.user_turn(qa.question, True)
+            scores = [model.loglikelihood(image, prompt, c + "###") for c in cands]
+            right[cat] += cands[max(range(len(cands)), key=scores.__getitem__)] == qa.answer
+            total[cat] += 1
+    return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": n_test}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/nano", help="output folder of `tinygptv train --recipe nano`")
@@ -214,6 +285,7 @@ def main() -> None:
     ap.add_argument("--probe-train", type=int, default=3000)
     ap.add_argument("--compare-lm", help="another stage-0 lm.safetensors (same tokenizer) for measurement 3")
     ap.add_argument("--compare-tower", help="another checkpoint whose vision tower measurement 4 probes too")
+    ap.add_argument("--qa-steps", type=int, default=400, help="training steps of measurement 5 (0 skips it)")
     args = ap.parse_args()
     torch.manual_seed(0)
     run = Path(args.run)
@@ -235,6 +307,14 @@ def main() -> None:
         towers[args.compare_tower] = Path(args.compare_tower)
     report["shape_probe"] = {name: shape_probe(path) for name, path in towers.items()}
     print("shape probe", report["shape_probe"], flush=True)
+    report["qa_probe"] = {}
+    if args.qa_steps:
+        for name, path in towers.items():
+            for single in (False, True):
+                key = f"{name}, {'one object' if single else '1-4 objects'}"
+                report["qa_probe"][key] = qa_probe(run / "stage0" / "lm.safetensors", path,
+                                                   run / "stage0" / "tokenizer", args.qa_steps, single)
+                print("QA probe", key, report["qa_probe"][key], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-diagnostics.json").write_text(json.dumps(report, indent=1))
     lines = ["# Nano model diagnostics", "", f"Run: `{run}`. Produced by `python benchmarks/nano_diagnostics.py`.", "",
@@ -258,6 +338,11 @@ def main() -> None:
               f"chance {100 / len(SHAPES):.1f} %):", "", "| tower | from mean ViT patch % | from Q-Former queries % |",
               "|---|---|---|"]
     lines += [f"| {name} | {r['vit_mean']:.1f} | {r['qformer']:.1f} |" for name, r in report["shape_probe"].items()]
+    if report["qa_probe"]:
+        lines += ["", f"The paper's trainable set learning to read a tower ({args.qa_steps} steps, batch 8, colour / "
+                  "shape questions only, this run's stage-0 LM; chance 12.5 % / 16.7 %):", "",
+                  "| tower, scenes | colour % | shape % | items |", "|---|---|---|---|"]
+        lines += [f"| {k} | {r['colour']:.1f} | {r['shape']:.1f} | {r['n']} |" for k, r in report["qa_probe"].items()]
     (RESULTS / "nano-diagnostics.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
