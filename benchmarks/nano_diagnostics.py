@@ -333,7 +333,8 @@ def main() -> None:
                  f"that always answers 'empty' scores 0).")]
     lines += ["", "Stage-0 LM answering from its context (text only: a scene description, then a colour / shape "
               "question; chance 12.5 % / 16.7 %):", "", "| LM | colour % | shape % | items |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['colour']:.1f} | {r['shape']:.1f} | {r['n']} |" for name, r in report["context_qa"].items()]
+    lines += [f"| {name} | {r['colour']:.1f} | {r['shape']:.1f} | {r['n']} |"
+              for name, r in report["context_qa"].items()]
     lines += ["", "Vision tower seeing shapes (one object per scene; linear probes, 1500 train / 300 test scenes; "
               f"chance {100 / len(SHAPES):.1f} %):", "", "| tower | from mean ViT patch % | from Q-Former queries % |",
               "|---|---|---|"]
