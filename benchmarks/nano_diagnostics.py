@@ -50,6 +50,11 @@ STAGES = ("stage1", "stage2", "stage3", "stage4")
 GRID = 4
 
 
+def _best(candidates: list[str], scores: list[float]) -> str:
+    """The candidate with the highest score (the first on ties)."""
+    return candidates[max(range(len(candidates)), key=scores.__getitem__)]
+
+
 def _scenes(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x]
 
@@ -165,7 +170,7 @@ def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, fl
             labels = ids.clone()
             labels[:, :len(context)] = IGNORE_INDEX  # score the answer only
             scores.append(float(token_logprobs(lm(ids), labels)[0]))
-        right[cat] += cands[max(range(len(cands)), key=scores.__getitem__)] == qa.answer
+        right[cat] += _best(cands, scores) == qa.answer
         total[cat] += 1
     return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": sum(total.values())}
 
@@ -273,7 +278,7 @@ def qa_probe(lm_file: Path, tower: Path, tokenizer_dir: Path, steps: int, single
             image = render(scene)
             prompt = wrapper.user_turn(qa.question, True)
             scores = [model.loglikelihood(image, prompt, c + "###") for c in cands]
-            right[cat] += cands[max(range(len(cands)), key=scores.__getitem__)] == qa.answer
+            right[cat] += _best(cands, scores) == qa.answer
             total[cat] += 1
     return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": n_test}
 

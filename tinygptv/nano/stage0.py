@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -94,13 +93,14 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(seed)
     lm.train()
+    autocast = _autocast()
     bar = tqdm(range(steps), desc="stage0 LM", mininterval=2.0)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
         picked = starts[torch.randint(0, len(starts), (batch,), generator=g)]
         x = torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
-        with _autocast():
+        with autocast:
             logits = lm(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         loss.backward()
@@ -208,6 +208,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     model.train()
     model.lm.eval()
+    autocast = _autocast()
     bar = tqdm(range(steps), desc="stage0 vision", mininterval=2.0)
     for step in bar:
         for group in opt.param_groups:
@@ -215,7 +216,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         size = sizes[step % len(sizes)]
         items = pairs(rng, batch, size // cfg.vision.patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
-        with _autocast():
+        with autocast:
             feats = model.vision(px, interpolate_pos=True)  # [B, 1+g², W]
             queries = model.qformer(feats)  # [B, Q, H]
             emb = model.projector(queries)  # [B, Q, C]
@@ -247,13 +248,14 @@ def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: ra
     params = list(vision.parameters()) + list(heads.patch.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     vision.train()
+    autocast = _autocast()
     bar = tqdm(range(steps), desc="stage0 ViT", mininterval=2.0)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
         items = pairs(rng, batch, size // patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
-        with _autocast():
+        with autocast:
             feats = vision(px, interpolate_pos=True)
         loss = heads.patch_loss(feats, [t for _, _, t in items])
         loss.backward()
@@ -326,13 +328,13 @@ def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state
 
 
 def _autocast():
-    """bf16 matmuls where the CPU has fast bf16 (AMX makes them ~3x faster than fp32), fp32 elsewhere (on AVX2
-    they are emulated and ~7x slower); fp32 master weights either way."""
-    from tinygptv.train.loop import fast_bf16
+    """The training loop's ``run.amp: auto`` on the CPU: bf16 matmuls where the CPU has fast bf16 (AMX makes them
+    ~3x faster than fp32), fp32 elsewhere (on AVX2 they are emulated and ~7x slower); fp32 master weights either
+    way. Decide once per training function and re-enter the returned context every step."""
+    from tinygptv.train.loop import amp_autocast, resolve_amp
 
-    if fast_bf16(torch.device("cpu")):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    cpu = torch.device("cpu")
+    return amp_autocast(resolve_amp("auto", cpu), cpu)
 
 
 @torch.no_grad()

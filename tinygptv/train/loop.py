@@ -185,7 +185,7 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
     model.train()
     model.vision.eval()  # frozen towers stay in eval mode (no dropout), as upstream's disabled_train
     model.qformer.eval()
-    autocast = _autocast(cfg.run.amp, device)
+    autocast = amp_autocast(cfg.run.amp, device)
     tokens = samples = 0
     t_last = time.perf_counter()
     while step < total:
@@ -303,7 +303,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return chosen
 
 
-def _autocast(amp: str, device: torch.device):
+def amp_autocast(amp: str, device: torch.device):
+    """The autocast context of a resolved ``run.amp`` value (re-entered every step)."""
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
