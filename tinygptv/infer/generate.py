@@ -202,7 +202,6 @@ def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
     return logits
 
 
-@torch.no_grad()
 def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int,
                     decode=None, pad_id: int | None = None,
                     prefix_cache: PrefixCache | None = None) -> Iterator[StepEvent]:
@@ -210,8 +209,22 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
 
     ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding
     of ``pad_id`` (default ``eos_id``), masked out anyway. ``prefix_cache``: see :class:`PrefixCache`
-    (used for single prompts).
+    (used for single prompts). On the CPU, the heap memory the request freed (its keys/values, activations) is
+    handed back to the OS when it ends: otherwise glibc keeps it and every request's peak stacks on the last
+    one's leftovers (measured on the full-size int8 model: one user's peak RSS 4.66 → 4.47 GB).
     """
+    try:
+        yield from _generate_tokens(lm, prompts, cfg, eos_id, decode, pad_id, prefix_cache)
+    finally:
+        if prompts and prompts[0][0].device.type == "cpu":
+            from tinygptv.infer.quantize import release_memory
+
+            release_memory()
+
+
+@torch.no_grad()
+def _generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int, decode,
+                     pad_id: int | None, prefix_cache: PrefixCache | None) -> Iterator[StepEvent]:
     if cfg.num_beams > 1:
         raise ValueError("use beam_search() for num_beams > 1")
     device = prompts[0][0].device
