@@ -13,8 +13,7 @@
    "soft prompt" (measured: equal loss with shuffled images), so, like the supervised pretraining of real vision
    backbones, auxiliary heads (thrown away afterwards) predict what is where: per ViT patch the colour / shape /
    size of the object there and whether a word is; from the Q-Former's queries a coarse grid of colours and
-   shapes, the number of objects, the word, and one-hop retrievals ("the star's colour and place", "the red one's
-   shape and place", "what is at the top left").
+   shapes, the number of objects, the word, and one-hop retrievals ("the star's colour", "the red one's shape").
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
    the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0, fresh random
    projections (§1.4) — then frozen by the paper's stages. One deliberate difference: the second projection
@@ -136,12 +135,10 @@ class AuxHeads(torch.nn.Module):
         self.n, self.grid = n, grid
         self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
         self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
-        # retrieval: a key (a colour, a shape or a grid cell) attends over the queries; the pooled query names the
-        # object's other attributes and where its centre is
-        self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"] + AUX_GRID * AUX_GRID, q_dim)
+        # retrieval: a key (a colour or a shape) attends over the queries, the pooled query names the other one
+        self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"], q_dim)
         self.bind_q = torch.nn.Linear(q_dim, q_dim)
         self.bind_out = torch.nn.Linear(q_dim, n["colour"] + n["shape"])
-        self.bind_loc = torch.nn.Linear(q_dim, 2 * LOC_BINS)
 
     def patch_loss(self, feats: torch.Tensor, targets: list[dict]) -> torch.Tensor:
         """Per ViT patch: colour / shape / size of the object there, and whether the word is."""
@@ -156,8 +153,7 @@ class AuxHeads(torch.nn.Module):
             loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
         return loss
 
-    def loss(self, feats: torch.Tensor, queries: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, float]:
-        """The sum of every auxiliary loss, and the retrieval part of it (for the progress bar)."""
+    def loss(self, feats: torch.Tensor, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
         n = self.n
         loss = self.patch_loss(feats, targets)
         q = self.query(queries.float().flatten(1))
@@ -168,39 +164,22 @@ class AuxHeads(torch.nn.Module):
             loss = loss + F.cross_entropy(logits.reshape(-1, k), tgt)
         loss = loss + F.cross_entropy(count, torch.tensor([t["count"] for t in targets]))
         loss = loss + F.cross_entropy(word, torch.tensor([t["word"] for t in targets]))
-        bind = self.bind_loss(queries, targets)
-        return loss + bind, float(bind)
+        return loss + self.bind_loss(queries, targets)
 
     def bind_loss(self, queries: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """"What colour is the star?" / "where is the red one?" / "what is at the top left?" as one attention hop
-        over the queries — the read an LM attention head does — so the queries learn to carry each object's
-        attributes and place together (the flattened-query head above can decode a scene from a representation no
-        single attention hop can read). Keys: colour ids, then shape ids, then grid cells; labels: colour ids, then
-        shape ids."""
-        nc, cells = self.n["colour"], self.n["colour"] + self.n["shape"]
-        loss = queries.sum() * 0.0
-        rows = [(b, key + nc * by_shape, label + nc * (not by_shape), cx, cy)
-                for b, t in enumerate(targets) for by_shape, key, label, cx, cy in t["bind"]]
-        if rows:
-            b, key, label, cx, cy = (torch.tensor(x) for x in zip(*rows))
-            pooled = self._hop(queries, b, key)
-            where = self.bind_loc(pooled)
-            loss = loss + F.cross_entropy(self.bind_out(pooled), label) + F.cross_entropy(
-                where[:, :LOC_BINS], cx) + F.cross_entropy(where[:, LOC_BINS:], cy)
-        rows = [(b, cells + cell, colour, shape) for b, t in enumerate(targets)
-                for cell, colour, shape in t.get("cell_bind", ())]
-        if rows:
-            b, key, colour, shape = (torch.tensor(x) for x in zip(*rows))
-            out = self.bind_out(self._hop(queries, b, key))
-            loss = loss + F.cross_entropy(out[:, :nc], colour) + F.cross_entropy(out[:, nc:], shape)
-        return loss
-
-    def _hop(self, queries: torch.Tensor, b: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """One attention read ``[P, H]`` over the queries of images ``b`` with the learned probe of ``key``."""
+        """"What colour is the star?" as one attention hop over the queries — the read an LM attention head
+        does — so the queries learn to carry each object's attributes together (the flattened-query head above
+        can decode a scene from a representation no single attention hop can read)."""
+        off = self.n["colour"]  # shape ids follow the colour ids in the key and label vocabularies
+        rows = [(b, key + off * by_shape, label + off * (not by_shape))
+                for b, t in enumerate(targets) for by_shape, key, label in t["bind"]]
+        if not rows:
+            return queries.sum() * 0.0
+        b, key, label = (torch.tensor(x) for x in zip(*rows))
         out = queries.float()[b]  # [P, Q, H]
         probe = self.bind_q(self.bind_key(key))  # [P, H]
         attn = torch.softmax(torch.einsum("pqh,ph->pq", out, probe) / out.shape[-1] ** 0.5, dim=-1)
-        return torch.einsum("pq,pqh->ph", attn, out)
+        return F.cross_entropy(self.bind_out(torch.einsum("pq,pqh->ph", attn, out)), label)
 
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
@@ -245,16 +224,14 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
             b = build_batch(examples, [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0, max_txt_len=96)
             logits = model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)
         caption = causal_lm_loss(logits, b.labels)
-        aux, bind = heads.loss(feats, queries, [t for _, _, t in items])
-        loss = caption + aux
+        loss = caption + heads.loss(feats, queries, [t for _, _, t in items])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            bar.set_postfix(caption=f"{caption.item():.3f}", bind=f"{bind:.3f}", total=f"{loss.item():.3f}",
-                            size=size)
-    log.info("stage0 vision: final caption loss %.3f, retrieval %.3f, total %.3f", caption.item(), bind, loss.item())
+            bar.set_postfix(caption=f"{caption.item():.3f}", total=f"{loss.item():.3f}", size=size)
+    log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
 
@@ -291,7 +268,6 @@ def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: ra
 
 
 AUX_GRID = 4  # the Q-Former head predicts colours and shapes on a 4x4 grid
-LOC_BINS = 8  # the retrieval head places an object's centre in one of 8 x 8 bins
 
 
 def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, int, int]],
@@ -323,24 +299,14 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
                    for i in range(grid) for j in range(grid)]
     coarse = labels(AUX_GRID)
     colours, shapes = [c for _, c, _, _ in objects], [sh for _, _, sh, _ in objects]
-
-    def centre(box: tuple[float, float, float, float], bins: int) -> tuple[int, int]:
-        x, y, w, h = box
-        return min(bins - 1, int((x + w / 2) / W * bins)), min(bins - 1, int((y + h / 2) / H * bins))
-
-    locs = [centre(box, LOC_BINS) for box, _, _, _ in objects]
-    # (is the key a shape, key id, label id, centre x bin, centre y bin): "the star" → its colour and place,
-    # "the red one" → its shape and place
-    bind = [(True, sh, c, *xy) for c, sh, xy in zip(colours, shapes, locs) if shapes.count(sh) == 1]
-    bind += [(False, c, sh, *xy) for c, sh, xy in zip(colours, shapes, locs) if colours.count(c) == 1]
-    # (grid cell, colour id, shape id) of an object alone in the cell of its centre: "what is at the top left?"
-    cell_of = [cx + AUX_GRID * cy for cx, cy in (centre(box, AUX_GRID) for box, _, _, _ in objects)]
-    cell_bind = [(cell, c, sh) for cell, c, sh in zip(cell_of, colours, shapes) if cell_of.count(cell) == 1]
+    # (is the key a shape, key id, label id): "the star is …" → its colour, "the red one is …" → its shape
+    bind = [(True, sh, c) for c, sh in zip(colours, shapes) if shapes.count(sh) == 1]
+    bind += [(False, c, sh) for c, sh in zip(colours, shapes) if colours.count(c) == 1]
     return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
                       "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
             "grid_colour": torch.tensor([c for c, _, _ in coarse]),
             "grid_shape": torch.tensor([s for _, s, _ in coarse]),
-            "count": min(len(objects), 4), "word": word, "bind": bind, "cell_bind": cell_bind}
+            "count": min(len(objects), 4), "word": word, "bind": bind}
 
 
 def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state: dict, qformer_state: dict,
