@@ -116,3 +116,43 @@ def test_kernels_are_packed_at_load(tmp_path, ids):
     again = tinygptv.load(tmp_path / "q")
     assert all(m._packed is not None for m in again.modules() if isinstance(m, Int8Linear))
     assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_streaming_load_frees_the_float_embedding_before_the_vision_tower():
+    """The embedding's floating-point table (0.26 GB at full size) once stayed referenced until the whole model was
+    quantized, and was the entire excess of the load's peak RSS: it must be gone when the vision tower is read."""
+    import gc
+    import weakref
+
+    from tinygptv.checkpoint import build_empty
+
+    model = build_empty(tinygptv.load("small", seed=1).cfg)
+    tables, alive_at_vision = [], []
+
+    def fetch(name, lin):
+        w = torch.randn(lin.weight.shape) * 0.02
+        if name == "lm.embed_tokens":
+            tables.append(weakref.ref(w))
+        elif name.startswith("vision.") and not alive_at_vision:
+            gc.collect()
+            alive_at_vision.append(tables[0]() is not None)
+        return w, None
+
+    quantize_model(model, "int8", fetch=fetch)
+    assert tables and alive_at_vision == [False]
+
+
+def test_generation_returns_freed_memory_when_a_request_ends(monkeypatch):
+    from tinygptv.infer import quantize as q
+    from tinygptv.infer.generate import GenerationConfig, generate_tokens
+
+    calls = []
+    monkeypatch.setattr(q, "release_memory", lambda: calls.append(1))
+    lm = tinygptv.load("tiny", seed=1).lm.eval()
+    prompt = (lm.embed_tokens(torch.tensor([1, 2, 3])).detach(), torch.ones(3, dtype=torch.long))
+    list(generate_tokens(lm, [prompt], GenerationConfig(max_new_tokens=3), eos_id=-1, pad_id=0))
+    assert calls == [1]
+    stream = generate_tokens(lm, [prompt], GenerationConfig(max_new_tokens=5), eos_id=-1, pad_id=0)
+    next(stream)
+    stream.close()  # a client that stops reading mid-stream
+    assert calls == [1, 1]
