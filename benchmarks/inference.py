@@ -279,13 +279,11 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------------------- driver
 def machine() -> dict:
+    from tinygptv.system import cpu_name
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "os": platform.platform()}
+            "cpu": cpu_name(), "os": platform.platform()}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
         info["mem_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
     except (OSError, ValueError):
         pass

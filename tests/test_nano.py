@@ -28,6 +28,17 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
     assert again["timings_s"]["stage4"] < 5
     assert again["step_times_s"] == summary["step_times_s"]  # the report keeps the times of the steps that ran
     assert set(summary["step_times_s"]) == set(summary["timings_s"])
+    # stage 0 redone from the saved LM: the LM's recorded time is the training's, not the ~0 s load's
+    import shutil
+
+    shutil.rmtree(out / "stage0" / "base")
+    third = run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
+    assert third["step_times_s"]["stage0_lm"] == summary["step_times_s"]["stage0_lm"]
+    from tinygptv.nano.report import write_report
+    from tinygptv.system import cpu_name
+
+    text = write_report(out / "nano.md", third, {"fp32": res}, losses(out), None, "test")
+    assert f"Machine: {cpu_name()}" in text and "training precision (`run.amp: auto`)" in text
 
 
 @pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")

@@ -38,9 +38,13 @@ def write_report(path: Path, recipe: dict[str, Any], runs: dict[str, dict[str, A
     heads = {k: headline(v) for k, v in runs.items()}
     keys = list(TARGETS) + ["caption_object_recall"]
     times = recipe.get("step_times_s") or recipe["timings_s"]  # when each step ran, not a continuation's skip
+    from tinygptv.system import cpu_name
+    from tinygptv.train.loop import fast_bf16
+
+    precision = "bf16 autocast" if fast_bf16(torch.device("cpu")) else "fp32 (no fast bf16 on this CPU)"
     lines = ["# Nano TinyGPT-V: the whole method on a CPU", "",
-             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}. Produced by `{command}`.", "",
+             f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}; training precision (`run.amp: auto`): {precision}. Produced by `{command}`.", "",
              "## Time per step of the recipe (seconds)", "", "| " + " | ".join(times) + " | total |",
              "|" + "---|" * (len(times) + 1),
              "| " + " | ".join(f"{v:.0f}" for v in times.values()) + f" | {sum(times.values()):.0f} |", "",
