@@ -76,6 +76,31 @@ def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+class _Steps:
+    """The optimisation of every stage-0 loop: AdamW, a cosine schedule after a 5 % linear warm-up, gradients
+    clipped at 1.0, and a progress bar showing the given values every 50 steps. Iterate for the step numbers."""
+
+    def __init__(self, params, steps: int, lr: float, weight_decay: float, desc: str):
+        self.params = list(params)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+        self.steps, self.lr = steps, lr
+        self.bar = tqdm(range(steps), desc=desc, mininterval=2.0)
+
+    def __iter__(self):
+        for step in self.bar:
+            for group in self.opt.param_groups:
+                group["lr"] = _cosine(step, self.steps, self.lr, max(1, self.steps // 20))
+            yield step
+
+    def update(self, objective: torch.Tensor, step: int, **shown) -> None:
+        objective.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            self.bar.set_postfix({k: f"{v.item():.3f}" if torch.is_tensor(v) else v for k, v in shown.items()})
+
+
 def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, batch: int = 32,
                 seq_len: int = 128, lr: float = 2e-3, seed: int = 0) -> dict[str, torch.Tensor]:
     """Causal-LM pretraining of the plain Phi decoder on ``lines``; returns its state dict.
@@ -90,25 +115,17 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     lm = PhiLM(plain)
     _init_(lm, seed)
     data, starts = line_windows(tok, lines, seq_len)
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM")
     g = torch.Generator().manual_seed(seed)
     lm.train()
     autocast = _autocast()
-    bar = tqdm(range(steps), desc="stage0 LM", mininterval=2.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+    for step in opt:
         picked = starts[torch.randint(0, len(starts), (batch,), generator=g)]
         x = torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
         with autocast:
             logits = lm(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        opt.update(loss, step, loss=loss)
     log.info("stage0 LM: final loss %.3f", loss.item())
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
@@ -205,14 +222,11 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     if vit_steps:
         warm_up_vit(model.vision, heads, pairs, rng, vit_steps, min(sizes), batch, lr, cfg.vision.patch_size)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = _Steps(params, steps, lr, 0.05, "stage0 vision")
     model.train()
     model.lm.eval()
     autocast = _autocast()
-    bar = tqdm(range(steps), desc="stage0 vision", mininterval=2.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+    for step in opt:
         size = sizes[step % len(sizes)]
         items = pairs(rng, batch, size // cfg.vision.patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
@@ -225,12 +239,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
             logits = model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)
         caption = causal_lm_loss(logits, b.labels)
         loss = caption + heads.loss(feats, queries, [t for _, _, t in items])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(caption=f"{caption.item():.3f}", total=f"{loss.item():.3f}", size=size)
+        opt.update(loss, step, caption=caption, total=loss, size=size)
     log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
@@ -245,25 +254,16 @@ def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: ra
     never did (single-object shape read linearly from the trained tower: 28 %, chance 17 %). This phase buys
     those steps cheaply, at the smaller training resolution.
     """
-    params = list(vision.parameters()) + list(heads.patch.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = _Steps(list(vision.parameters()) + list(heads.patch.parameters()), steps, lr, 0.05, "stage0 ViT")
     vision.train()
     autocast = _autocast()
-    bar = tqdm(range(steps), desc="stage0 ViT", mininterval=2.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+    for step in opt:
         items = pairs(rng, batch, size // patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
         with autocast:
             feats = vision(px, interpolate_pos=True)
         loss = heads.patch_loss(feats, [t for _, _, t in items])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(patch=f"{loss.item():.3f}")
+        opt.update(loss, step, patch=loss)
     log.info("stage0 ViT warm-up: final patch loss %.3f", loss.item())
 
 
