@@ -118,6 +118,26 @@ def test_kernels_are_packed_at_load(tmp_path, ids):
     assert torch.equal(logits(again, ids), logits(model, ids))
 
 
+@pytest.mark.parametrize("shape", [(16, 32), (80, 96), (272, 128), (608, 1024)])
+def test_int4_weights_are_held_once_and_saved_portably(shape):
+    """After its first forward an Int4Linear keeps only the CPU kernel's packing (whose layout depends on the CPU's
+    vector width); its state dict still has the portable packing, rebuilt exactly from the kernel's copy."""
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(out_f)
+    lin = Int4Linear.from_weight(torch.randn(shape, generator=g), torch.randn(out_f, generator=g), 32)
+    portable = lin.packed.clone()
+    x = torch.randn(3, in_f, generator=g)
+    y = lin(x)
+    assert lin.packed.numel() == 0 and lin._kernel_weight is not None
+    assert quantized_bytes(lin) == (lin._kernel_weight.numel() + lin.scales_zeros.numel() * 2 + out_f * 2)
+    assert torch.equal(lin.state_dict()["packed"], portable)
+    fresh = Int4Linear(in_f, out_f, True, 32)
+    fresh.load_state_dict(lin.state_dict())
+    assert torch.equal(fresh(x), y)
+    lin.load_state_dict(fresh.state_dict())  # loading into a prepared module restores its buffer first
+    assert torch.equal(lin(x), y)
+
+
 def test_streaming_load_frees_the_float_embedding_before_the_vision_tower():
     """The embedding's floating-point table (0.26 GB at full size) once stayed referenced until the whole model was
     quantized, and was the entire excess of the load's peak RSS: it must be gone when the vision tower is read."""

@@ -19,6 +19,7 @@ LoRA is merged into the weights before quantization (inference only).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -163,8 +164,10 @@ class Int4Linear(nn.Module):
     """Asymmetric 4-bit weights per group of ``group_size`` inputs; ``W ≈ (q − 8)·scale + zero``.
 
     Stored portably as nibble-packed ``uint8 [out, in/2]`` (high nibble = even column) with ``scales_zeros
-    [in/group, out, 2]``; converted lazily to the CPU kernel's packing. Shapes the kernel cannot take
-    (``out`` not a multiple of 16) fall back to dequantize-and-matmul.
+    [in/group, out, 2]``; converted lazily to the CPU kernel's packing, after which the portable copy is dropped
+    (the int4 weights would otherwise sit in memory twice: full-size int4 model, peak RSS 5.56 GB) and rebuilt
+    from the kernel's copy only for saving (:func:`unpack_int4pack`). Shapes the kernel cannot take (``out``
+    not a multiple of 16) fall back to dequantize-and-matmul.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None):
@@ -198,6 +201,8 @@ class Int4Linear(nn.Module):
 
     def unpack(self) -> torch.Tensor:
         """``int32 [out, in]`` values in 0..15."""
+        if self.packed.numel() == 0 and self._kernel_weight is not None:
+            return unpack_int4pack(self._kernel_weight, self.out_features, self.in_features)
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int32, device=self.packed.device)
         q[:, 0::2] = (self.packed >> 4).to(torch.int32)
         q[:, 1::2] = (self.packed & 15).to(torch.int32)
@@ -211,7 +216,21 @@ class Int4Linear(nn.Module):
     def prepare(self) -> None:
         """Convert to the CPU kernel's packing now (otherwise on the first forward)."""
         if self._kernel_weight is None and self.out_features % 16 == 0 and self.packed.device.type != "meta":
+            if self.packed.numel() == 0:
+                raise RuntimeError("Int4Linear has no weight")
             self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1)
+            self.packed = torch.empty(0, dtype=torch.uint8, device=self.packed.device)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The portable ``uint8 [out, in/2]`` packing (rebuilt from the kernel's copy once that exists)."""
+        if self.packed.numel() or self._kernel_weight is None:
+            return self.packed
+        q = self.unpack()
+        return ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "packed"] = self.packed_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -227,11 +246,59 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
+        if self.packed.numel() == 0:  # dropped by prepare(): loading new weights needs the buffer back
+            self.packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
+                                      device=self.packed.device)
         self._kernel_weight = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+_INT4PACK_ROWS = 256  # rows unpacked at a time: a multiple of every CPU kernel's block of output channels
+
+
+@functools.lru_cache(maxsize=4)
+def _int4pack_order(rows: int, cols: int) -> torch.Tensor:
+    """Where the CPU kernel puts each weight of a ``[rows, cols]`` block: ``order[r·cols + c]`` is the position of
+    weight ``(r, c)`` in the block's nibble stream (low nibble of each byte first).
+
+    The layout depends on the CPU's vector width (PyTorch packs blocks of 32 or 64 output channels differently on
+    AVX2 and AVX-512), so it is read off the kernel itself: packing probes whose values are the base-16 digits
+    of each weight's index gives, digit by digit, which weight lands in each nibble.
+    """
+    n = rows * cols
+    index = torch.arange(n, dtype=torch.int64)
+    source = torch.zeros(n, dtype=torch.int64)  # nibble position -> weight index
+    for shift in range(0, max(4, (n - 1).bit_length()), 4):
+        probe = ((index >> shift) & 15).to(torch.int32).view(rows, cols)
+        source |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)).long() << shift
+    order = torch.empty(n, dtype=torch.int64)
+    order[source] = torch.arange(n, dtype=torch.int64)
+    return order.to(torch.int32)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    flat = packed.reshape(-1).view(torch.uint8)
+    return torch.stack([flat & 15, flat >> 4], -1).reshape(-1)
+
+
+def unpack_int4pack(kernel_weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """``int32 [out, in]`` weights in 0..15 from ``_convert_weight_to_int4pack_for_cpu``'s packing (its inverse).
+
+    The kernel packs each block of output channels on its own, so ``_INT4PACK_ROWS`` rows at a time are a
+    contiguous stretch of its bytes. The result is checked by packing it again (exact).
+    """
+    nib = _nibbles(kernel_weight)
+    out = torch.empty(out_features, in_features, dtype=torch.int32)
+    for r0 in range(0, out_features, _INT4PACK_ROWS):
+        rows = min(_INT4PACK_ROWS, out_features - r0)
+        stretch = nib[r0 * in_features:(r0 + rows) * in_features]
+        out[r0:r0 + rows] = stretch[_int4pack_order(rows, in_features).long()].view(rows, in_features)
+    if not torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(out, 1), kernel_weight):
+        raise RuntimeError("int4: could not invert this PyTorch's CPU int4 packing; save before the first forward")
+    return out
 
 
 class Int8Embedding(nn.Module):
@@ -379,10 +446,13 @@ def _cast_float(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the weights occupy in memory); an :class:`Int8Linear` whose
-    int8 weight lives only in the kernel's packed copy counts that copy's ``out × in`` bytes."""
+    """Bytes of every parameter and buffer (what the weights occupy in memory), plus the kernels' own packed
+    copies: an :class:`Int8Linear` whose int8 weight lives only there counts ``out × in`` bytes, an
+    :class:`Int4Linear` its kernel weight."""
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     for m in model.modules():
         if isinstance(m, Int8Linear) and m.qweight.numel() == 0 and m._packed is not None:
             total += m.out_features * m.in_features
+        if isinstance(m, Int4Linear) and m._kernel_weight is not None:
+            total += m._kernel_weight.numel() * m._kernel_weight.element_size()
     return total
