@@ -41,7 +41,8 @@ def test_quantized_close_and_small(ref, ids, mode):
         lm_linears = [m for n, m in model.lm.named_modules() if n.endswith(("qkv", "dense", "fc1", "fc2", "lm_head"))]
         assert lm_linears and all(isinstance(m, kind) for m in lm_linears)
         assert isinstance(model.lm.embed_tokens, Int8Embedding)
-        assert not any(type(m) is torch.nn.Linear for m in model.vision.modules())
+        for part in (model.vision, model.qformer, model.projector):
+            assert not any(type(m) is torch.nn.Linear for m in part.modules())
         assert model.lm.layers[0].mlp.fc1.state_dict()["qweight" if mode == "int8" else "packed"].dtype in (
             torch.int8, torch.uint8)
 
@@ -61,6 +62,26 @@ def test_save_and_reload_without_requantizing(ref, ids, tmp_path, mode):
     assert torch.equal(logits(again, ids), logits(model, ids))
     with pytest.raises(ValueError, match="saved quantized"):
         tinygptv.load(tmp_path / "q", quantize="int4" if mode == "int8" else "int8")
+
+
+def test_checkpoint_quantized_before_the_projector_was_still_loads(ref, tmp_path):
+    """A quantized checkpoint written when the projections stayed float (its quantization.yaml has no
+    ``projector`` key) loads as such; the image embeddings then match a freshly quantized model's closely."""
+    import yaml
+
+    old = tinygptv.load("small", seed=1, quantize=QuantConfig("int8", projector=False))
+    assert type(old.projector.proj1) is torch.nn.Linear
+    tinygptv.save(old, tmp_path / "q")
+    fields = yaml.safe_load((tmp_path / "q" / "quantization.yaml").read_text())
+    del fields["projector"]
+    (tmp_path / "q" / "quantization.yaml").write_text(yaml.safe_dump(fields))
+    again = tinygptv.load(tmp_path / "q")
+    assert type(again.projector.proj1) is torch.nn.Linear
+    new = tinygptv.load("small", seed=1, quantize="int8")
+    px = torch.rand(1, 3, ref.image_size, ref.image_size)
+    with torch.no_grad():
+        a, b, f = again.encode_images(px), new.encode_images(px), ref.encode_images(px)
+    assert (a - b).abs().max() < 0.05 * f.abs().max(), ((a - b).abs().max(), f.abs().max())
 
 
 def test_streaming_quantized_load_equals_quantize_after_load(ref, ids, tmp_path):
@@ -163,11 +184,11 @@ def test_streaming_load_frees_the_float_embedding_before_the_vision_tower():
 
 
 def test_generation_returns_freed_memory_when_a_request_ends(monkeypatch):
-    from tinygptv.infer import quantize as q
+    from tinygptv import system
     from tinygptv.infer.generate import GenerationConfig, generate_tokens
 
     calls = []
-    monkeypatch.setattr(q, "release_memory", lambda: calls.append(1))
+    monkeypatch.setattr(system, "release_memory", lambda: calls.append(1))
     lm = tinygptv.load("tiny", seed=1).lm.eval()
     prompt = (lm.embed_tokens(torch.tensor([1, 2, 3])).detach(), torch.ones(3, dtype=torch.long))
     list(generate_tokens(lm, [prompt], GenerationConfig(max_new_tokens=3), eos_id=-1, pad_id=0))

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from tinygptv import system
 from tinygptv.image import ImageInput, load_image
 from tinygptv.infer.generate import GenerationConfig, PrefixCache, beam_search, generate_tokens
 from tinygptv.model.sequence import Example, build_batch
@@ -106,6 +107,8 @@ class Engine:
         if todo:
             first = {k: pil[keys.index(k)] for k in todo}
             fresh = self.model.encode_images(self.model.pixel_values(list(first.values())))
+            if fresh.device.type == "cpu":  # hand the vision tower's activations back before the LM runs
+                system.release_memory()
             for k, emb in zip(todo, fresh):
                 self.cache.put(k, emb)
                 found[k] = emb

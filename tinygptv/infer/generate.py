@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from tinygptv import system
 from tinygptv.model.phi import KVCache, PhiLM
 
 
@@ -217,9 +218,7 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
         yield from _generate_tokens(lm, prompts, cfg, eos_id, decode, pad_id, prefix_cache)
     finally:
         if prompts and prompts[0][0].device.type == "cpu":
-            from tinygptv.infer.quantize import release_memory
-
-            release_memory()
+            system.release_memory()
 
 
 @torch.no_grad()

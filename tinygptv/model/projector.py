@@ -19,6 +19,12 @@ class Projector(nn.Module):
         self.proj2 = nn.Linear(hidden, out_dim)
         self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The input dtype: the weights' (quantized linears take float32 and convert inside)."""
+        weight = getattr(self.proj1, "weight", None)
+        return weight.dtype if weight is not None else torch.float32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, Q, in_dim] -> [B, Q, out_dim]
         if self._folded is not None:

@@ -67,7 +67,7 @@ class TinyGPTV(nn.Module):
         """``[N, 3, S, S]`` → ``[N, Q, C_lm]`` image embeddings for the LM."""
         feats = self.vision(pixels)  # [N, 1+g², W]
         queries = self.qformer(feats)  # [N, Q, H]
-        return self.projector(queries.to(self.projector.proj1.weight.dtype)).to(self.dtype)  # [N, Q, C]
+        return self.projector(queries.to(self.projector.dtype)).to(self.dtype)  # [N, Q, C]
 
     # ----------------------------------------------------------------------------------- training
     def prepare(self, examples: list[Example], pixels: list[torch.Tensor | None],
