@@ -26,6 +26,16 @@
 Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm OTHER/lm.safetensors]
 [--compare-tower OTHER_CHECKPOINT]`` (after
 ``tinygptv train --recipe nano --output runs/nano``); writes ``benchmarks/results/nano-diagnostics.{md,json}``.
+
+``--towers CHECKPOINT`` instead asks whether a final model's frozen vision side holds what the questions need, in
+scenes of 1–4 objects at the model's image size (writes ``benchmarks/results/nano-towers.md``):
+
+6. **Per object, from the ViT:** linear probes on the patch feature at each object's centre predict its colour,
+   shape and size (800 training scenes, 200 held-out).
+7. **Across objects, from the Q-Former:** one attention hop over the (frozen) query outputs, keyed by a colour or a
+   shape, must name the other attribute of the object that has it ("the star's colour", "the red one's shape"),
+   the read an LM attention head would do (1500 training scenes, 300 held-out). High here but low in the model's
+   answers means the LM side, not the tower, loses the information.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from tinygptv.synth.world import COLOURS, SHAPES, Scene
 from tinygptv.templates import get_template
 
 RESULTS = Path(__file__).parent / "results"
+BUNDLED_NANO = Path(tinygptv.__file__).parent / "assets" / "nano"
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 GRID = 4
 
@@ -283,6 +294,135 @@ def qa_probe(lm_file: Path, tower: Path, tokenizer_dir: Path, steps: int, single
     return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": n_test}
 
 
+def _scene_features(model, n: int, seed: int):
+    """(scene, ViT patch features [g², W], Q-Former outputs [Q, H]) of ``n`` fresh scenes at the model's size."""
+    from tinygptv.image import preprocess
+    from tinygptv.synth.render import render
+    from tinygptv.synth.world import sample_scene
+
+    rng = random.Random(seed)
+    size = model.image_size
+    for i in range(n):
+        scene = sample_scene(rng, f"towers-{seed}-{i}", image_size=size)
+        with torch.no_grad():
+            feats = model.vision(preprocess(render(scene), size)[None])
+            queries = model.qformer(feats)
+        yield scene, feats[0, 1:].float(), queries[0].float()
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.Adam(lin.parameters(), 1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = F.cross_entropy(lin(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lin
+
+
+def object_probe(model, n_train: int = 800, n_test: int = 200) -> dict[str, float]:
+    """Measurement 6: accuracy (%) of linear probes reading each object's attributes at its centre patch."""
+    from tinygptv.synth.world import SIZES
+
+    grid = model.image_size // model.cfg.vision.patch_size
+    names = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
+
+    def data(n: int, seed: int):
+        xs, ys = [], []
+        for scene, patches, _ in _scene_features(model, n, seed):
+            W, H = scene.size
+            for o in scene.objects:
+                x, y, w, h = o.box
+                col, row = min(grid - 1, int((x + w / 2) / W * grid)), min(grid - 1, int((y + h / 2) / H * grid))
+                xs.append(patches[row * grid + col])
+                ys.append([names["colour"].index(o.colour), names["shape"].index(o.shape), names["size"].index(o.size)])
+        return torch.stack(xs), torch.tensor(ys)
+
+    torch.manual_seed(0)
+    x_tr, y_tr = data(n_train, 1)
+    x_te, y_te = data(n_test, 2)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    out = {"objects": len(y_te)}
+    for j, (key, values) in enumerate(names.items()):
+        lin = _fit(x_tr, y_tr[:, j], len(values))
+        with torch.no_grad():
+            out[key] = 100 * float((lin(x_te).argmax(-1) == y_te[:, j]).float().mean())
+    return out
+
+
+def retrieval_probe(model, n_train: int = 1500, n_test: int = 300, steps: int = 1500) -> dict[str, float]:
+    """Measurement 7: accuracy (%) of one attention hop over the frozen queries, keyed by a colour or a shape."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    nc = len(colours)
+
+    def data(n: int, seed: int):
+        qs, rows = [], []
+        for i, (scene, _, queries) in enumerate(_scene_features(model, n, seed)):
+            qs.append(queries)
+            cs, ss = [o.colour for o in scene.objects], [o.shape for o in scene.objects]
+            for o in scene.objects:  # (scene, key id, label id, objects): shape ids follow colour ids
+                if ss.count(o.shape) == 1:
+                    rows.append((i, nc + shapes.index(o.shape), colours.index(o.colour), len(cs)))
+                if cs.count(o.colour) == 1:
+                    rows.append((i, colours.index(o.colour), nc + shapes.index(o.shape), len(cs)))
+        return torch.stack(qs), torch.tensor(rows)
+
+    torch.manual_seed(0)
+    q_tr, r_tr = data(n_train, 1)
+    q_te, r_te = data(n_test, 2)
+    hidden = q_tr.shape[-1]
+    mu, sd = q_tr.mean((0, 1)), q_tr.std((0, 1)) + 1e-5
+    key = torch.nn.Embedding(nc + len(shapes), hidden)
+    wq, wk, wv = (torch.nn.Linear(hidden, hidden) for _ in range(3))
+    head = torch.nn.Linear(hidden, nc + len(shapes))
+    modules = (key, wq, wk, wv, head)
+    opt = torch.optim.Adam([p for m in modules for p in m.parameters()], 3e-3)
+
+    def forward(qs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        q = (qs[rows[:, 0]] - mu) / sd  # [P, Q, H]
+        attn = torch.softmax(torch.einsum("pqh,ph->pq", wk(q), wq(key(rows[:, 1]))) / hidden ** 0.5, -1)
+        return head(torch.einsum("pq,pqh->ph", attn, wv(q)))
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = r_tr[torch.randint(0, len(r_tr), (256,), generator=g)]
+        loss = F.cross_entropy(forward(q_tr, pick), pick[:, 2])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        ok = (forward(q_te, r_te).argmax(-1) == r_te[:, 2]).float()
+    by_colour = r_te[:, 1] < nc
+    return {"all": 100 * float(ok.mean()), "shape_of_colour": 100 * float(ok[by_colour].mean()),
+            "colour_of_shape": 100 * float(ok[~by_colour].mean()), "n": len(r_te),
+            **{f"objects_{k}": 100 * float(ok[r_te[:, 3] == k].mean()) for k in (2, 3, 4)
+               if bool((r_te[:, 3] == k).any())}}
+
+
+def towers_report(checkpoints: list[str]) -> None:
+    """Measurements 6 and 7 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
+    lines = ["# What the nano model's frozen vision side holds", "",
+             "Produced by `python benchmarks/nano_diagnostics.py --towers " + " ".join(checkpoints) + "`. Fresh "
+             "scenes of 1–4 objects at each model's image size.", "",
+             "| checkpoint | ViT, per object: colour % | shape % | size % | Q-Former, one hop: all % | "
+             "shape of the <colour> one % | colour of the <shape> % | 2 / 3 / 4 objects % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for ck in checkpoints:
+        model = tinygptv.load(BUNDLED_NANO if ck == "nano" else ck).eval()
+        obj, ret = object_probe(model), retrieval_probe(model)
+        print(ck, obj, ret, flush=True)
+        per_n = " / ".join(f"{ret[f'objects_{k}']:.0f}" for k in (2, 3, 4) if f"objects_{k}" in ret)
+        lines.append(f"| {ck} | {obj['colour']:.1f} | {obj['shape']:.1f} | {obj['size']:.1f} | {ret['all']:.1f} | "
+                     f"{ret['shape_of_colour']:.1f} | {ret['colour_of_shape']:.1f} | {per_n} |")
+    lines += ["", f"Chance: colour {100 / len(COLOURS):.1f} %, shape {100 / len(SHAPES):.1f} %. ViT probes: 800 "
+              "training / 200 held-out scenes; one-hop probe: 1500 / 300."]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "nano-towers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/nano", help="output folder of `tinygptv train --recipe nano`")
@@ -291,7 +431,12 @@ def main() -> None:
     ap.add_argument("--compare-lm", help="another stage-0 lm.safetensors (same tokenizer) for measurement 3")
     ap.add_argument("--compare-tower", help="another checkpoint whose vision tower measurement 4 probes too")
     ap.add_argument("--qa-steps", type=int, default=400, help="training steps of measurement 5 (0 skips it)")
+    ap.add_argument("--towers", nargs="+", metavar="CHECKPOINT",
+                    help="only measurements 6-7 on these final models ('nano' = the bundled one)")
     args = ap.parse_args()
+    if args.towers:
+        towers_report(args.towers)
+        return
     torch.manual_seed(0)
     run = Path(args.run)
     world = run / "world"
