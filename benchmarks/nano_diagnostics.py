@@ -403,11 +403,11 @@ def retrieval_probe(model, n_train: int = 1500, n_test: int = 300, steps: int = 
 
 def towers_report(checkpoints: list[str]) -> None:
     """Measurements 6 and 7 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
+    command = "python benchmarks/nano_diagnostics.py --towers " + " ".join(checkpoints)
     lines = ["# What the nano model's frozen vision side holds", "",
-             "Produced by `python benchmarks/nano_diagnostics.py --towers " + " ".join(checkpoints) + "`. Fresh "
-             "scenes of 1–4 objects at each model's image size.", "",
-             "| checkpoint | ViT, per object: colour % | shape % | size % | Q-Former, one hop: all % | "
-             "shape of the <colour> one % | colour of the <shape> % | 2 / 3 / 4 objects % |",
+             f"Produced by `{command}`. Fresh scenes of 1–4 objects at each model's image size.", "",
+             ("| checkpoint | ViT, per object: colour % | shape % | size % | Q-Former, one hop: all % | "
+              "shape of the <colour> one % | colour of the <shape> % | 2 / 3 / 4 objects % |"),
              "|---|---|---|---|---|---|---|---|"]
     for ck in checkpoints:
         model = tinygptv.load(BUNDLED_NANO if ck == "nano" else ck).eval()
@@ -416,8 +416,8 @@ def towers_report(checkpoints: list[str]) -> None:
         per_n = " / ".join(f"{ret[f'objects_{k}']:.0f}" for k in (2, 3, 4) if f"objects_{k}" in ret)
         lines.append(f"| {ck} | {obj['colour']:.1f} | {obj['shape']:.1f} | {obj['size']:.1f} | {ret['all']:.1f} | "
                      f"{ret['shape_of_colour']:.1f} | {ret['colour_of_shape']:.1f} | {per_n} |")
-    lines += ["", f"Chance: colour {100 / len(COLOURS):.1f} %, shape {100 / len(SHAPES):.1f} %. ViT probes: 800 "
-              "training / 200 held-out scenes; one-hop probe: 1500 / 300."]
+    lines += ["", (f"Chance: colour {100 / len(COLOURS):.1f} %, shape {100 / len(SHAPES):.1f} %. ViT probes: 800 "
+                   "training / 200 held-out scenes; one-hop probe: 1500 / 300.")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-towers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
