@@ -43,6 +43,8 @@ def test_quantized_close_and_small(ref, ids, mode):
         assert isinstance(model.lm.embed_tokens, Int8Embedding)
         for part in (model.vision, model.qformer, model.projector):
             assert not any(type(m) is torch.nn.Linear for m in part.modules())
+        with pytest.raises(ValueError, match="quantized"):
+            model.fold_projector()
         assert model.lm.layers[0].mlp.fc1.state_dict()["qweight" if mode == "int8" else "packed"].dtype in (
             torch.int8, torch.uint8)
 

@@ -34,6 +34,8 @@ class Projector(nn.Module):
     @torch.no_grad()
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W [out,in], b [out])`` of the single equivalent linear map, computed in fp64."""
+        if not all(isinstance(lin, nn.Linear) for lin in (self.proj1, self.proj2)):
+            raise ValueError("folding needs floating-point projections; these are quantized (load without quantize=)")
         w1, b1 = self.proj1.weight.double(), self.proj1.bias.double()
         w2, b2 = self.proj2.weight.double(), self.proj2.bias.double()
         dtype = self.proj1.weight.dtype
