@@ -56,7 +56,6 @@ from tinygptv.synth.world import COLOURS, SHAPES, Scene
 from tinygptv.templates import get_template
 
 RESULTS = Path(__file__).parent / "results"
-BUNDLED_NANO = Path(tinygptv.__file__).parent / "assets" / "nano"
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 GRID = 4
 
@@ -212,20 +211,24 @@ def shape_probe(checkpoint: Path, n_train: int = 1500, n_test: int = 300, steps:
 
     vit_tr, q_tr, y_tr = features(n_train)
     vit_te, q_te, y_te = features(n_test)
-    out = {}
-    for name, x_tr, x_te in (("vit_mean", vit_tr, vit_te), ("qformer", q_tr, q_te)):
-        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
-        torch.manual_seed(0)
-        probe = torch.nn.Linear(x_tr.shape[1], len(SHAPES))
-        opt = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=1e-4)
-        for _ in range(steps):
-            loss = F.cross_entropy(probe((x_tr - mu) / sd), y_tr)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            out[name] = 100 * float((probe((x_te - mu) / sd).argmax(-1) == y_te).float().mean())
-    return out
+    return {name: linear_probe(x_tr, y_tr, x_te, y_te, len(SHAPES), steps, weight_decay=1e-4)
+            for name, x_tr, x_te in (("vit_mean", vit_tr, vit_te), ("qformer", q_tr, q_te))}
+
+
+def linear_probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, classes: int,
+                 steps: int = 300, weight_decay: float = 1e-4) -> float:
+    """Held-out accuracy (%) of a linear classifier trained (full batch, Adam) on standardised features."""
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x_tr.shape[1], classes)
+    opt = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = F.cross_entropy(probe((x_tr - mu) / sd), y_tr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return 100 * float((probe((x_te - mu) / sd).argmax(-1) == y_te).float().mean())
 
 
 def qa_probe(lm_file: Path, tower: Path, tokenizer_dir: Path, steps: int, single: bool, size: int = 64,
@@ -310,17 +313,6 @@ def _scene_features(model, n: int, seed: int):
         yield scene, feats[0, 1:].float(), queries[0].float()
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
-    lin = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.Adam(lin.parameters(), 1e-2, weight_decay=1e-3)
-    for _ in range(steps):
-        loss = F.cross_entropy(lin(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return lin
-
-
 def object_probe(model, n_train: int = 800, n_test: int = 200) -> dict[str, float]:
     """Measurement 6: accuracy (%) of linear probes reading each object's attributes at its centre patch."""
     from tinygptv.synth.world import SIZES
@@ -339,17 +331,11 @@ def object_probe(model, n_train: int = 800, n_test: int = 200) -> dict[str, floa
                 ys.append([names["colour"].index(o.colour), names["shape"].index(o.shape), names["size"].index(o.size)])
         return torch.stack(xs), torch.tensor(ys)
 
-    torch.manual_seed(0)
     x_tr, y_tr = data(n_train, 1)
     x_te, y_te = data(n_test, 2)
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
-    out = {"objects": len(y_te)}
-    for j, (key, values) in enumerate(names.items()):
-        lin = _fit(x_tr, y_tr[:, j], len(values))
-        with torch.no_grad():
-            out[key] = 100 * float((lin(x_te).argmax(-1) == y_te[:, j]).float().mean())
-    return out
+    return {"objects": len(y_te)} | {key: linear_probe(x_tr, y_tr[:, j], x_te, y_te[:, j], len(values),
+                                                       weight_decay=1e-3)
+                                     for j, (key, values) in enumerate(names.items())}
 
 
 def retrieval_probe(model, n_train: int = 1500, n_test: int = 300, steps: int = 1500) -> dict[str, float]:
@@ -410,7 +396,7 @@ def towers_report(checkpoints: list[str]) -> None:
               "shape of the <colour> one % | colour of the <shape> % | 2 / 3 / 4 objects % |"),
              "|---|---|---|---|---|---|---|---|"]
     for ck in checkpoints:
-        model = tinygptv.load(BUNDLED_NANO if ck == "nano" else ck).eval()
+        model = tinygptv.load(ck).eval()  # 'nano' is the bundled model
         obj, ret = object_probe(model), retrieval_probe(model)
         print(ck, obj, ret, flush=True)
         per_n = " / ".join(f"{ret[f'objects_{k}']:.0f}" for k in (2, 3, 4) if f"objects_{k}" in ret)

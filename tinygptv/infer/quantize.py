@@ -197,7 +197,7 @@ class Int4Linear(nn.Module):
                 lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
                 scale = ((hi - lo) / 15).clamp(min=1e-8)
                 q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.uint8).view(-1, k)
-                mod.packed[rows] = (q[:, 0::2] << 4) | q[:, 1::2]
+                mod.packed[rows] = _pack_nibbles(q)
                 zero = lo + 8 * scale  # so that W = (q - 8) * scale + zero
                 mod.scales_zeros[:, rows] = torch.stack([scale.flatten(1), zero.flatten(1)], -1).transpose(0, 1)
             if bias is not None:
@@ -230,8 +230,7 @@ class Int4Linear(nn.Module):
         """The portable ``uint8 [out, in/2]`` packing (rebuilt from the kernel's copy once that exists)."""
         if self.packed.numel() or self._kernel_weight is None:
             return self.packed
-        q = self.unpack()
-        return ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        return _pack_nibbles(self.unpack())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -259,6 +258,11 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` values in 0..15 → the portable ``uint8 [out, in/2]`` (high nibble = even column)."""
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
 
 
 _INT4PACK_ROWS = 256  # rows unpacked at a time: a multiple of every CPU kernel's block of output channels
