@@ -1,4 +1,4 @@
-"""Why the nano model misses its targets: five measurements on the checkpoints of a nano recipe run.
+"""Why the nano model misses its targets: measurements on a nano recipe run (1–5) and on final models (6–8).
 
 1. **Does the LM read the image?** Mean log-likelihood of the right answer to the held-out colour / shape
    questions (GQA-style set, in the evaluation wrapper) with the question's own image vs. another scene's image,
@@ -28,7 +28,8 @@ Usage: ``python benchmarks/nano_diagnostics.py [--run runs/nano] [--compare-lm O
 ``tinygptv train --recipe nano --output runs/nano``); writes ``benchmarks/results/nano-diagnostics.{md,json}``.
 
 ``--towers CHECKPOINT`` instead asks whether a final model's frozen vision side holds what the questions need, in
-scenes of 1–4 objects at the model's image size (writes ``benchmarks/results/nano-towers.md``):
+scenes of 1–4 objects at the model's image size, and whether the model reads it out for a single object (writes
+``benchmarks/results/nano-towers.md``):
 
 6. **Per object, from the ViT:** linear probes on the patch feature at each object's centre predict its colour,
    shape and size (800 training scenes, 200 held-out).
@@ -36,6 +37,12 @@ scenes of 1–4 objects at the model's image size (writes ``benchmarks/results/n
    shape, must name the other attribute of the object that has it ("the star's colour", "the red one's shape"),
    the read an LM attention head would do (1500 training scenes, 300 held-out). High here but low in the model's
    answers means the LM side, not the tower, loses the information.
+8. **One object, asked two ways:** scenes of a single object. A linear probe with one weight for every image token
+   (the read the LM gets; per-token logits averaged) names its shape from the projected image tokens (1500 / 300
+   scenes). Then the model itself, answers ranked by likelihood over all shapes / colours (120 scenes): continuing
+   its own detailed description ("The image shows 1 object on a light background. A large red" → shape;
+   "… A large" → colour), and answering "what shape / color is the … object?" in the evaluation wrapper. No
+   binding is needed here, so a gap between the two is the question-answering path failing to read the image.
 """
 
 from __future__ import annotations
@@ -387,23 +394,83 @@ def retrieval_probe(model, n_train: int = 1500, n_test: int = 300, steps: int = 
                if bool((r_te[:, 3] == k).any())}}
 
 
+def _single_object_scenes(n: int, seed: int, size: int) -> list[Scene]:
+    from tinygptv.synth.world import sample_scene
+
+    rng = random.Random(seed)
+    return [sample_scene(rng, f"one-{seed}-{i}", image_size=size, n_objects=1) for i in range(n)]
+
+
+def reading_probe(model, n: int = 120, n_train: int = 1500, n_test: int = 300) -> dict[str, float]:
+    """Measurement 8: a single object's shape from the LM's image tokens, and the model's own answers (%)."""
+    from tinygptv.synth.render import render
+
+    size = model.image_size
+
+    @torch.no_grad()
+    def tokens(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat([model.encode_images(model.pixel_values([render(s) for s in scenes[i:i + 64]])).float()
+                         for i in range(0, len(scenes), 64)])
+        return emb, torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])  # [N, Q, C], [N]
+
+    x_tr, y_tr = tokens(_single_object_scenes(n_train, 1, size))
+    x_te, y_te = tokens(_single_object_scenes(n_test, 2, size))
+    mu, sd = x_tr.mean((0, 1)), x_tr.std((0, 1)) + 1e-5
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(x_tr.shape[-1], len(SHAPES))
+    opt = torch.optim.Adam(shared.parameters(), 1e-2, weight_decay=1e-4)
+    for _ in range(300):
+        loss = F.cross_entropy(shared((x_tr - mu) / sd).mean(1), y_tr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        probe = 100 * float((shared((x_te - mu) / sd).mean(1).argmax(-1) == y_te).float().mean())
+    describe = model.template.user_turn("Describe this image in detail.", True)
+    wrapper = get_template("eval")
+    colours = list(COLOURS)
+    hits = dict.fromkeys(("describe_shape", "describe_colour", "ask_shape", "ask_colour"), 0)
+    scenes = _single_object_scenes(n, 3, size)
+    with torch.no_grad():
+        for scene in scenes:
+            o, image = scene.objects[0], render(scene)
+            lead = f"{describe}The image shows 1 object on a light background. A {o.size}"
+            asks = {"shape": VQA_SHORT_ANSWER.format(f"what shape is the {o.colour} object?"),
+                    "colour": VQA_SHORT_ANSWER.format(f"what color is the {o.shape}?")}
+            for key, cands, gold, prefix in (("shape", SHAPES, o.shape, f"{lead} {o.colour}"),
+                                              ("colour", colours, o.colour, lead)):
+                said = [model.loglikelihood(image, prefix, " " + c) for c in cands]
+                asked = [model.loglikelihood(image, wrapper.user_turn(asks[key], True), c) for c in cands]
+                hits[f"describe_{key}"] += _best(list(cands), said) == gold
+                hits[f"ask_{key}"] += _best(list(cands), asked) == gold
+    return {"probe_shape": probe, "n": n, **{k: 100 * v / n for k, v in hits.items()}}
+
+
 def towers_report(checkpoints: list[str]) -> None:
-    """Measurements 6 and 7 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
+    """Measurements 6, 7 and 8 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
     command = "python benchmarks/nano_diagnostics.py --towers " + " ".join(checkpoints)
     lines = ["# What the nano model's frozen vision side holds", "",
              f"Produced by `{command}`. Fresh scenes of 1–4 objects at each model's image size.", "",
              ("| checkpoint | ViT, per object: colour % | shape % | size % | Q-Former, one hop: all % | "
               "shape of the <colour> one % | colour of the <shape> % | 2 / 3 / 4 objects % |"),
              "|---|---|---|---|---|---|---|---|"]
+    reading = []
     for ck in checkpoints:
         model = tinygptv.load(ck).eval()  # 'nano' is the bundled model
-        obj, ret = object_probe(model), retrieval_probe(model)
-        print(ck, obj, ret, flush=True)
+        obj, ret, read = object_probe(model), retrieval_probe(model), reading_probe(model)
+        print(ck, obj, ret, read, flush=True)
         per_n = " / ".join(f"{ret[f'objects_{k}']:.0f}" for k in (2, 3, 4) if f"objects_{k}" in ret)
         lines.append(f"| {ck} | {obj['colour']:.1f} | {obj['shape']:.1f} | {obj['size']:.1f} | {ret['all']:.1f} | "
                      f"{ret['shape_of_colour']:.1f} | {ret['colour_of_shape']:.1f} | {per_n} |")
+        reading.append(f"| {ck} | {read['probe_shape']:.1f} | {read['describe_shape']:.1f} | "
+                       f"{read['ask_shape']:.1f} | {read['describe_colour']:.1f} | {read['ask_colour']:.1f} |")
     lines += ["", (f"Chance: colour {100 / len(COLOURS):.1f} %, shape {100 / len(SHAPES):.1f} %. ViT probes: 800 "
-                   "training / 200 held-out scenes; one-hop probe: 1500 / 300.")]
+                   "training / 200 held-out scenes; one-hop probe: 1500 / 300."),
+              "", "One object per scene (measurement 8): what the LM is given, and what the model says.", "",
+              ("| checkpoint | shape from the image tokens, one shared linear probe % | model, describing: shape % "
+               "| model, asked: shape % | describing: colour % | asked: colour % |"),
+              "|---|---|---|---|---|---|", *reading, "",
+              "Probe: 1500 training / 300 held-out scenes; the model's answers: 120 scenes, ranked by likelihood."]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-towers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -418,7 +485,7 @@ def main() -> None:
     ap.add_argument("--compare-tower", help="another checkpoint whose vision tower measurement 4 probes too")
     ap.add_argument("--qa-steps", type=int, default=400, help="training steps of measurement 5 (0 skips it)")
     ap.add_argument("--towers", nargs="+", metavar="CHECKPOINT",
-                    help="only measurements 6-7 on these final models ('nano' = the bundled one)")
+                    help="only measurements 6-8 on these final models ('nano' = the bundled one)")
     args = ap.parse_args()
     if args.towers:
         towers_report(args.towers)
