@@ -224,18 +224,27 @@ def shape_probe(checkpoint: Path, n_train: int = 1500, n_test: int = 300, steps:
 
 def linear_probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, classes: int,
                  steps: int = 300, weight_decay: float = 1e-4) -> float:
-    """Held-out accuracy (%) of a linear classifier trained (full batch, Adam) on standardised features."""
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
+    """Held-out accuracy (%) of a linear classifier trained (full batch, Adam) on standardised features.
+
+    Features ``[N, C]``, or ``[N, T, C]`` for one classifier shared by all ``T`` tokens of an item, whose logits
+    are averaged over the tokens (statistics over items and tokens)."""
+    dims = tuple(range(x_tr.dim() - 1))
+    mu, sd = x_tr.mean(dims), x_tr.std(dims) + 1e-5
     torch.manual_seed(0)
-    probe = torch.nn.Linear(x_tr.shape[1], classes)
+    probe = torch.nn.Linear(x_tr.shape[-1], classes)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = probe((x - mu) / sd)
+        return out.mean(1) if out.dim() == 3 else out
+
     opt = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=weight_decay)
     for _ in range(steps):
-        loss = F.cross_entropy(probe((x_tr - mu) / sd), y_tr)
+        loss = F.cross_entropy(logits(x_tr), y_tr)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return 100 * float((probe((x_te - mu) / sd).argmax(-1) == y_te).float().mean())
+        return 100 * float((logits(x_te).argmax(-1) == y_te).float().mean())
 
 
 def qa_probe(lm_file: Path, tower: Path, tokenizer_dir: Path, steps: int, single: bool, size: int = 64,
@@ -413,22 +422,10 @@ def reading_probe(model, n: int = 120, n_train: int = 1500, n_test: int = 300) -
                          for i in range(0, len(scenes), 64)])
         return emb, torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])  # [N, Q, C], [N]
 
-    x_tr, y_tr = tokens(_single_object_scenes(n_train, 1, size))
-    x_te, y_te = tokens(_single_object_scenes(n_test, 2, size))
-    mu, sd = x_tr.mean((0, 1)), x_tr.std((0, 1)) + 1e-5
-    torch.manual_seed(0)
-    shared = torch.nn.Linear(x_tr.shape[-1], len(SHAPES))
-    opt = torch.optim.Adam(shared.parameters(), 1e-2, weight_decay=1e-4)
-    for _ in range(300):
-        loss = F.cross_entropy(shared((x_tr - mu) / sd).mean(1), y_tr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        probe = 100 * float((shared((x_te - mu) / sd).mean(1).argmax(-1) == y_te).float().mean())
+    probe = linear_probe(*tokens(_single_object_scenes(n_train, 1, size)),
+                         *tokens(_single_object_scenes(n_test, 2, size)), len(SHAPES))
     describe = model.template.user_turn("Describe this image in detail.", True)
     wrapper = get_template("eval")
-    colours = list(COLOURS)
     hits = dict.fromkeys(("describe_shape", "describe_colour", "ask_shape", "ask_colour"), 0)
     scenes = _single_object_scenes(n, 3, size)
     with torch.no_grad():
@@ -437,12 +434,12 @@ def reading_probe(model, n: int = 120, n_train: int = 1500, n_test: int = 300) -
             lead = f"{describe}The image shows 1 object on a light background. A {o.size}"
             asks = {"shape": VQA_SHORT_ANSWER.format(f"what shape is the {o.colour} object?"),
                     "colour": VQA_SHORT_ANSWER.format(f"what color is the {o.shape}?")}
-            for key, cands, gold, prefix in (("shape", SHAPES, o.shape, f"{lead} {o.colour}"),
-                                              ("colour", colours, o.colour, lead)):
+            for key, cands, gold, prefix in (("shape", list(SHAPES), o.shape, f"{lead} {o.colour}"),
+                                              ("colour", list(COLOURS), o.colour, lead)):
                 said = [model.loglikelihood(image, prefix, " " + c) for c in cands]
                 asked = [model.loglikelihood(image, wrapper.user_turn(asks[key], True), c) for c in cands]
-                hits[f"describe_{key}"] += _best(list(cands), said) == gold
-                hits[f"ask_{key}"] += _best(list(cands), asked) == gold
+                hits[f"describe_{key}"] += _best(cands, said) == gold
+                hits[f"ask_{key}"] += _best(cands, asked) == gold
     return {"probe_shape": probe, "n": n, **{k: 100 * v / n for k, v in hits.items()}}
 
 
