@@ -43,6 +43,14 @@ scenes of 1–4 objects at the model's image size, and whether the model reads i
    its own detailed description ("The image shows 1 object on a light background. A large red" → shape;
    "… A large" → colour), and answering "what shape / color is the … object?" in the evaluation wrapper. No
    binding is needed here, so a gap between the two is the question-answering path failing to read the image.
+9. **Many objects, where the answer gets lost:** scenes of 2–4 objects, "what shape is the <colour> object?" (a
+   colour only one object has) and "what color is the <shape>?" in the evaluation wrapper. Linear probes on the
+   LM's residual stream after every layer, at the question's key word (the colour / shape it names) and at the
+   position that predicts the answer, name the asked attribute (1200 training / 300 held-out items, half per
+   question kind). Beside them: the model's own answers (ranked by likelihood) by object count, the same shapes
+   read while continuing the scene's description ("… A large red" → shape), and a guess among the attributes
+   present. A probe far above the model's answers means the information reaches that position and the read-out
+   into the answer tokens is what fails.
 """
 
 from __future__ import annotations
@@ -443,19 +451,119 @@ def reading_probe(model, n: int = 120, n_train: int = 1500, n_test: int = 300) -
     return {"probe_shape": probe, "n": n, **{k: 100 * v / n for k, v in hits.items()}}
 
 
+def _binding_items(n: int, seed: int, size: int) -> list[tuple[Scene, str, object]]:
+    """(scene, kind, object) for scenes of 2–4 objects: kind ``shape`` asks the shape of the object with a colour
+    no other object has, ``colour`` the colour of the object with a unique shape (alternating)."""
+    from tinygptv.synth.world import sample_scene
+
+    rng = random.Random(seed)
+    items = []
+    while len(items) < n:
+        scene = sample_scene(rng, f"bind-{seed}-{len(items)}", image_size=size, n_objects=2 + len(items) % 3)
+        kind = ("shape", "colour")[len(items) % 2]
+        keys = [o.colour if kind == "shape" else o.shape for o in scene.objects]
+        unique = [o for o, k in zip(scene.objects, keys) if keys.count(k) == 1]
+        if unique:
+            items.append((scene, kind, rng.choice(unique)))
+    return items
+
+
+def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[str, dict]:
+    """Measurement 9: where the asked object's attribute is in the question-answering path (2–4 objects)."""
+    from tinygptv.model.sequence import Example
+    from tinygptv.synth.render import render
+    from tinygptv.synth.text import detail, indefinite
+
+    wrapper, tok = get_template("eval"), model.tokenizer
+    acts: dict[int, torch.Tensor] = {}
+    hooks = [block.register_forward_hook(lambda _m, _i, out, i=i: acts.__setitem__(i, out))
+             for i, block in enumerate(model.lm.layers)]
+
+    def prompt(kind: str, o) -> tuple[str, str]:  # (prompt in the evaluation wrapper, the key word it names)
+        key = o.colour if kind == "shape" else o.shape
+        question = f"what shape is the {key} object?" if kind == "shape" else f"what color is the {key}?"
+        return wrapper.user_turn(VQA_SHORT_ANSWER.format(question), True), key
+
+    @torch.no_grad()
+    def run(items):
+        feats: dict[tuple[str, str, int], list[torch.Tensor]] = {}
+        labels: dict[str, list[int]] = {"shape": [], "colour": []}
+        for scene, kind, o in items:
+            text, key = prompt(kind, o)
+            post = text.split("<ImageHere>", 1)[1]
+            upto = post[:post.index(f" {key}") + len(key) + 1]
+            ids, head = tok.encode(post), tok.encode(upto)
+            if ids[:len(head)] != head:
+                raise RuntimeError(f"the key word does not end a token in {post!r}")
+            batch = model.prepare([Example(text, [("x", True)])], [model.pixel_values([render(scene)])])
+            model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+            last = int((batch.labels[0] != -100).nonzero()[0]) - 1  # predicts the answer's first token
+            at = {"key": last - (len(ids) - len(head)), "answer": last}
+            for layer, h in acts.items():
+                for where, pos in at.items():
+                    feats.setdefault((kind, where, layer), []).append(h[0, pos].float())
+            labels[kind].append((SHAPES if kind == "shape" else list(COLOURS)).index(getattr(o, kind)))
+        return {k: torch.stack(v) for k, v in feats.items()}, {k: torch.tensor(v) for k, v in labels.items()}
+
+    size = model.image_size
+    train, test = _binding_items(n_train, 11, size), _binding_items(n_test, 12, size)
+    try:
+        (x_tr, y_tr), (x_te, y_te) = run(train), run(test)
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, dict] = {}
+    describe = model.template.user_turn("Describe this image in detail.", True)
+    for kind in ("shape", "colour"):
+        classes = len(SHAPES) if kind == "shape" else len(COLOURS)
+        row: dict = {f"{where}_layer{layer + 1}": linear_probe(x_tr[kind, where, layer], y_tr[kind],
+                                                               x_te[kind, where, layer], y_te[kind], classes)
+                     for (k, where, layer) in x_tr if k == kind}
+        asked, said, guess = {}, {}, []
+        cands = list(SHAPES) if kind == "shape" else list(COLOURS)
+        with torch.no_grad():
+            for scene, k, o in test:
+                if k != kind:
+                    continue
+                n, image, gold = len(scene.objects), render(scene), getattr(o, kind)
+                text = prompt(kind, o)[0]
+                scores = [model.loglikelihood(image, text, c) for c in cands]
+                asked.setdefault(n, []).append(_best(cands, scores) == gold)
+                guess.append(1 / n)
+                if kind == "shape":  # continuing the scene's own description up to "… a large red"
+                    desc, phrase = detail(scene), indefinite(o)
+                    at = desc.lower().index(phrase.lower()) + len(phrase) - len(o.shape) - 1
+                    scores = [model.loglikelihood(image, describe + desc[:at], " " + c) for c in cands]
+                    said.setdefault(n, []).append(_best(cands, scores) == gold)
+        row["asked"] = {n: 100 * sum(v) / len(v) for n, v in sorted(asked.items())}
+        row["describing"] = {n: 100 * sum(v) / len(v) for n, v in sorted(said.items())}
+        row["present_guess"] = 100 * sum(guess) / len(guess)
+        row["n_train"], row["n_test"] = len(y_tr[kind]), len(y_te[kind])
+        out[kind] = row
+    return out
+
+
 def towers_report(checkpoints: list[str]) -> None:
-    """Measurements 6, 7 and 8 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
+    """Measurements 6, 7, 8 and 9 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
     command = "python benchmarks/nano_diagnostics.py --towers " + " ".join(checkpoints)
     lines = ["# What the nano model's frozen vision side holds", "",
              f"Produced by `{command}`. Fresh scenes of 1–4 objects at each model's image size.", "",
              ("| checkpoint | ViT, per object: colour % | shape % | size % | Q-Former, one hop: all % | "
               "shape of the <colour> one % | colour of the <shape> % | 2 / 3 / 4 objects % |"),
              "|---|---|---|---|---|---|---|---|"]
-    reading = []
+    reading, paths = [], []
     for ck in checkpoints:
         model = tinygptv.load(ck).eval()  # 'nano' is the bundled model
         obj, ret, read = object_probe(model), retrieval_probe(model), reading_probe(model)
-        print(ck, obj, ret, read, flush=True)
+        path = question_path_probe(model)
+        print(ck, obj, ret, read, path, flush=True)
+        layers = len(model.lm.layers)
+        for kind, r in path.items():
+            probes = " | ".join(f"{r[f'key_layer{i}']:.0f} / {r[f'answer_layer{i}']:.0f}" for i in range(1, layers + 1))
+            asked = " / ".join(f"{v:.0f}" for v in r["asked"].values())
+            said = " / ".join(f"{v:.0f}" for v in r["describing"].values()) or "—"
+            question = "shape of the <colour> one" if kind == "shape" else "colour of the <shape>"
+            paths.append(f"| {ck} | {question} | {probes} | {asked} | {said} | {r['present_guess']:.0f} |")
         per_n = " / ".join(f"{ret[f'objects_{k}']:.0f}" for k in (2, 3, 4) if f"objects_{k}" in ret)
         lines.append(f"| {ck} | {obj['colour']:.1f} | {obj['shape']:.1f} | {obj['size']:.1f} | {ret['all']:.1f} | "
                      f"{ret['shape_of_colour']:.1f} | {ret['colour_of_shape']:.1f} | {per_n} |")
@@ -467,7 +575,15 @@ def towers_report(checkpoints: list[str]) -> None:
               ("| checkpoint | shape from the image tokens, one shared linear probe % | model, describing: shape % "
                "| model, asked: shape % | describing: colour % | asked: colour % |"),
               "|---|---|---|---|---|---|", *reading, "",
-              "Probe: 1500 training / 300 held-out scenes; the model's answers: 120 scenes, ranked by likelihood."]
+              "Probe: 1500 training / 300 held-out scenes; the model's answers: 120 scenes, ranked by likelihood.",
+              "", ("2–4 objects, asked in the evaluation wrapper (measurement 9): the asked attribute read by a linear "
+                   "probe from the LM's residual stream after each layer, at the question's key word / at the "
+                   "position that predicts the answer; then the model's answers and its description by object count."),
+              "",
+              ("| checkpoint | question | " + " | ".join(f"layer {i}: key / answer %" for i in range(1, layers + 1))
+               + " | model, asked: 2 / 3 / 4 objects % | describing: 2 / 3 / 4 objects % | guess among present % |"),
+              "|---|---|" + "---|" * layers + "---|---|---|", *paths, "",
+              "Probes: 1200 training / 300 held-out items (half per question); answers ranked by likelihood."]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-towers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -482,7 +598,7 @@ def main() -> None:
     ap.add_argument("--compare-tower", help="another checkpoint whose vision tower measurement 4 probes too")
     ap.add_argument("--qa-steps", type=int, default=400, help="training steps of measurement 5 (0 skips it)")
     ap.add_argument("--towers", nargs="+", metavar="CHECKPOINT",
-                    help="only measurements 6-8 on these final models ('nano' = the bundled one)")
+                    help="only measurements 6-9 on these final models ('nano' = the bundled one)")
     args = ap.parse_args()
     if args.towers:
         towers_report(args.towers)
