@@ -49,8 +49,9 @@ scenes of 1–4 objects at the model's image size, and whether the model reads i
    position that predicts the answer, name the asked attribute (1200 training / 300 held-out items, half per
    question kind). Beside them: the model's own answers (ranked by likelihood) by object count, the same shapes
    read while continuing the scene's description ("… A large red" → shape), and a guess among the attributes
-   present. A probe far above the model's answers means the information reaches that position and the read-out
-   into the answer tokens is what fails.
+   present, and the model's own next-token prediction at the key word (best shape / colour). A probe far above the
+   model's answers means the information reaches that position and the read-out into the answer tokens is what
+   fails.
 """
 
 from __future__ import annotations
@@ -488,6 +489,7 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
     def run(items):
         feats: dict[tuple[str, str, int], list[torch.Tensor]] = {}
         labels: dict[str, list[int]] = {"shape": [], "colour": []}
+        guesses: dict[str, list[int]] = {"shape": [], "colour": []}
         for scene, kind, o in items:
             text, key = prompt(kind, o)
             post = text.split("<ImageHere>", 1)[1]
@@ -499,16 +501,26 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
             model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
             last = int((batch.labels[0] != -100).nonzero()[0]) - 1  # predicts the answer's first token
             at = {"key": last - (len(ids) - len(head)), "answer": last}
+            kind_ids = cand_ids[kind]
+            guess = model.lm.lm_head(model.lm.final_layernorm(acts[len(acts) - 1][0, at["key"]]))[kind_ids]
+            guesses[kind].append(int(guess.argmax()))
             for layer, h in acts.items():
                 for where, pos in at.items():
                     feats.setdefault((kind, where, layer), []).append(h[0, pos].float())
             labels[kind].append((SHAPES if kind == "shape" else list(COLOURS)).index(getattr(o, kind)))
-        return {k: torch.stack(v) for k, v in feats.items()}, {k: torch.tensor(v) for k, v in labels.items()}
+        return ({k: torch.stack(v) for k, v in feats.items()}, {k: torch.tensor(v) for k, v in labels.items()},
+                {k: torch.tensor(v) for k, v in guesses.items()})
 
+    cand_ids = {}
+    for kind, words in (("shape", SHAPES), ("colour", list(COLOURS))):
+        ids = [tok.encode(" " + w) for w in words]
+        if any(len(i) != 1 for i in ids):
+            raise RuntimeError(f"a {kind} word is not one token: {words}")
+        cand_ids[kind] = [i[0] for i in ids]
     size = model.image_size
     train, test = _binding_items(n_train, 11, size), _binding_items(n_test, 12, size)
     try:
-        (x_tr, y_tr), (x_te, y_te) = run(train), run(test)
+        (x_tr, y_tr, _), (x_te, y_te, g_te) = run(train), run(test)
     finally:
         for h in hooks:
             h.remove()
@@ -538,6 +550,7 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
         row["asked"] = {n: 100 * sum(v) / len(v) for n, v in sorted(asked.items())}
         row["describing"] = {n: 100 * sum(v) / len(v) for n, v in sorted(said.items())}
         row["present_guess"] = 100 * sum(guess) / len(guess)
+        row["key_next_token"] = 100 * float((g_te[kind] == y_te[kind]).float().mean())
         row["n_train"], row["n_test"] = len(y_tr[kind]), len(y_te[kind])
         out[kind] = row
     return out
@@ -563,7 +576,8 @@ def towers_report(checkpoints: list[str]) -> None:
             asked = " / ".join(f"{v:.0f}" for v in r["asked"].values())
             said = " / ".join(f"{v:.0f}" for v in r["describing"].values()) or "—"
             question = "shape of the <colour> one" if kind == "shape" else "colour of the <shape>"
-            paths.append(f"| {ck} | {question} | {probes} | {asked} | {said} | {r['present_guess']:.0f} |")
+            paths.append(f"| {ck} | {question} | {probes} | {r['key_next_token']:.0f} | {asked} | {said} | "
+                         f"{r['present_guess']:.0f} |")
         per_n = " / ".join(f"{ret[f'objects_{k}']:.0f}" for k in (2, 3, 4) if f"objects_{k}" in ret)
         lines.append(f"| {ck} | {obj['colour']:.1f} | {obj['shape']:.1f} | {obj['size']:.1f} | {ret['all']:.1f} | "
                      f"{ret['shape_of_colour']:.1f} | {ret['colour_of_shape']:.1f} | {per_n} |")
@@ -581,9 +595,12 @@ def towers_report(checkpoints: list[str]) -> None:
                    "position that predicts the answer; then the model's answers and its description by object count."),
               "",
               ("| checkpoint | question | " + " | ".join(f"layer {i}: key / answer %" for i in range(1, layers + 1))
-               + " | model, asked: 2 / 3 / 4 objects % | describing: 2 / 3 / 4 objects % | guess among present % |"),
-              "|---|---|" + "---|" * layers + "---|---|---|", *paths, "",
-              "Probes: 1200 training / 300 held-out items (half per question); answers ranked by likelihood."]
+               + " | the model's next token at the key word % | model, asked: 2 / 3 / 4 objects % "
+               "| describing: 2 / 3 / 4 objects % | guess among present % |"),
+              "|---|---|" + "---|" * layers + "---|---|---|---|", *paths, "",
+              ("Probes: 1200 training / 300 held-out items (half per question); answers ranked by likelihood. "
+               "Next token at the key word: the model's own prediction there (after \"… the red\" in the question), "
+               "the best of the shapes / colours.")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nano-towers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
