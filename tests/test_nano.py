@@ -1,6 +1,7 @@
 """The nano recipe end to end at a tiny step count, and the bundled model's accuracy on fresh held-out scenes."""
 
 import pytest
+import torch
 
 import tinygptv
 from tinygptv.checkpoint import BUNDLED
@@ -130,3 +131,33 @@ def test_stage0_lm_windows_start_at_line_starts():
     assert len(starts) == 3  # the last line is too close to the end of the stream for a 9-token window
     with pytest.raises(ValueError, match="too small"):
         line_windows(tok, ["ab"], seq_len=8)
+
+
+def test_stage0_lm_chat_documents_tokenize_answers_like_the_trainer():
+    """Chat-formatted scene documents: each answer is tokenized on its own, exactly as build_batch tokenizes a
+    prompt and its target, so the LM learns the answer tokens it will have to produce after a template."""
+    import random
+
+    from tinygptv.model.sequence import Example, build_batch
+    from tinygptv.nano.recipe import chat_document
+    from tinygptv.nano.stage0 import SEGMENT, line_windows
+    from tinygptv.synth.world import sample_scene
+    from tinygptv.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(BUNDLED["nano"])
+    rng = random.Random(3)
+    markers = set()
+    for i in range(12):
+        doc = chat_document(sample_scene(rng, f"t-{i}"), rng)
+        head, answer, *rest = doc.split(SEGMENT)
+        assert len(rest) % 2 == 0 and answer.endswith("###")  # then prompt / answer pairs
+        prompt = head.split("\n", 1)[1]
+        markers.add("[INST]" if prompt.startswith("[INST]") else "###Human:" if prompt.startswith("###Human:") else "")
+        batch = build_batch([Example(prompt, [(answer, True)])], [None], tok, torch.nn.Embedding(tok.vocab_size, 4),
+                            0, 0, add_bos=False)
+        target = [t for t in batch.labels[0].tolist() if t != -100]
+        data, _ = line_windows(tok, [doc], seq_len=8)
+        n_head = len(tok.encode(head))
+        assert data.tolist()[n_head:n_head + len(target)] == target  # the trainer's answer tokens ...
+        assert target[0] != tok.encode(" " + answer)[0]  # ... which are not those of " answer"
+    assert markers == {"[INST]", "###Human:"}

@@ -100,13 +100,54 @@ def _max_batch(cfg: StageConfig) -> int:
     return max(v["batch_size"] for v in cfg.data.mixture.values())
 
 
+# Chat documents for the stage-0 LM (off in the bundled recipe): this fraction of its scene documents asks the
+# questions in the chat templates that stages 3-4 and the evaluation use, each answer tokenized on its own as the
+# trainer does. Phi-2 has seen chat-formatted text; a LM trained on the world's lines alone has not: its answer
+# tokens after "###Assistant: " or "[/INST]" ("cross", not " cross") occur 4-9 times in its whole corpus (" cross":
+# ~5000), so their output rows stay untrained. On the bundle of ae20fb2 (nano_diagnostics.py measurement 9), the
+# asked shape is the model's own next token at the question's colour word 91 % of the time, its answer 52-60 %.
+# A full recipe run with 0.5 (runs/nano-chat, 2026-12-01): the stage-0 LM answers in the evaluation wrapper, text
+# only, at 85 / 50 / 48 % with 1 / 2 / 3 objects (without chat documents: 12 / 22 / 10 %); measurement 9's shape
+# answers went to 82 / 58 / 78 % (2 / 3 / 4 objects) and the answer-position probe to 90 %; GQA-style colour 55,
+# shape 70, count 60, spatial 54 %, identify 32.5 %, caption recall 57.7 %, IconQA-style 76.5 % (bundle 67.5),
+# VizWiz-style 44.5 % (34.5), GQA-style overall 47.5 % (48.5), and int8 2.5 points under fp32 on shape. Not
+# bundled yet: colour questions need a shape-keyed lookup that no training text teaches (measurement 9).
+CHAT_DOCUMENTS = 0.0
+CHAT_TEMPLATES = ("stage3", "stage4", "eval")
+
+
 def scene_documents(seed: int, n: int, size: int = 128) -> list[str]:
-    """``n`` text documents about fresh random scenes (no images): a description, then questions answered by it."""
+    """``n`` text documents about fresh random scenes (no images): a description, then questions answered by it,
+    either one per line ("what color is the star? red") or, for :data:`CHAT_DOCUMENTS` of them, as chat turns."""
     from tinygptv.synth.text import document
     from tinygptv.synth.world import sample_scene
 
     rng = random.Random(f"documents-{seed}")
-    return [document(sample_scene(rng, f"doc-{seed}-{i}", image_size=size), rng) for i in range(n)]
+    docs = []
+    for i in range(n):
+        scene = sample_scene(rng, f"doc-{seed}-{i}", image_size=size)
+        if CHAT_DOCUMENTS and rng.random() < CHAT_DOCUMENTS:  # 0 leaves the random stream as it was
+            docs.append(chat_document(scene, rng))
+        else:
+            docs.append(document(scene, rng))
+    return docs
+
+
+def chat_document(scene, rng: random.Random, k: int = 2) -> str:
+    """A description, then ``k`` of the scene's questions as turns of one chat template (text only; the templates
+    are long in this tokenizer, so two turns fill most of a 128-token window), with
+    :data:`tinygptv.nano.stage0.SEGMENT` wherever the trainer's tokenization restarts (before and after answers)."""
+    from tinygptv.eval.base import VQA_SHORT_ANSWER
+    from tinygptv.synth.text import caption, detail, sample_questions
+    from tinygptv.templates import get_template
+
+    template = get_template(rng.choice(CHAT_TEMPLATES))
+    pieces = [(detail(scene) if rng.random() < 0.5 else caption(scene, rng)) + "\n"]
+    for qa in sample_questions(scene, rng, k):
+        ask = rng.choice((qa.question, f"[vqa] {qa.question}", VQA_SHORT_ANSWER.format(qa.question)))
+        pieces[-1] += template.user_turn(ask, False)
+        pieces += [qa.answer + template.end_sym, ""]
+    return stage0.SEGMENT.join(pieces[:-1])
 
 
 def scene_pairs(seed: int, size: int):

@@ -130,14 +130,26 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
 
+# Splits a stage-0 line into pieces that are tokenized one by one, as the trainer tokenizes a prompt and its answer
+# (``tinygptv.model.sequence.build_batch``): "…###Assistant: " then "cross###" gives the answer token "cross",
+# where tokenizing the whole line would give " cross".
+SEGMENT = "\x1f"
+
+
 def line_windows(tok: Tokenizer, lines: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The lines as one token stream (each followed by ``<|endoftext|>``) and the offsets where a line starts and a
-    window of ``seq_len`` + 1 tokens fits."""
+    window of ``seq_len`` + 1 tokens fits. A line's :data:`SEGMENT`-separated pieces are tokenized separately."""
+    pieces = [line.split(SEGMENT) for line in lines]
+    flat = tok.backend.encode_batch([p for line in pieces for p in line], add_special_tokens=False)
     stream: list[int] = []
     line_starts = []
-    for enc in tok.backend.encode_batch(lines, add_special_tokens=False):
+    i = 0
+    for line in pieces:
         line_starts.append(len(stream))
-        stream += enc.ids + [tok.eos_id]
+        for enc in flat[i:i + len(line)]:
+            stream += enc.ids
+        i += len(line)
+        stream.append(tok.eos_id)
     starts = [s for s in line_starts if s + seq_len + 1 <= len(stream)]
     if not starts:
         raise ValueError(f"corpus too small for {seq_len}-token windows ({len(stream)} tokens)")
