@@ -1,4 +1,4 @@
-"""Why the nano model misses its targets: measurements on a nano recipe run (1–5) and on final models (6–8).
+"""Why the nano model misses its targets: measurements on a nano recipe run (1–5) and on final models (6–9).
 
 1. **Does the LM read the image?** Mean log-likelihood of the right answer to the held-out colour / shape
    questions (GQA-style set, in the evaluation wrapper) with the question's own image vs. another scene's image,
@@ -48,10 +48,9 @@ scenes of 1–4 objects at the model's image size, and whether the model reads i
    LM's residual stream after every layer, at the question's key word (the colour / shape it names) and at the
    position that predicts the answer, name the asked attribute (1200 training / 300 held-out items, half per
    question kind). Beside them: the model's own answers (ranked by likelihood) by object count, the same shapes
-   read while continuing the scene's description ("… A large red" → shape), and a guess among the attributes
-   present, and the model's own next-token prediction at the key word (best shape / colour). A probe far above the
-   model's answers means the information reaches that position and the read-out into the answer tokens is what
-   fails.
+   read while continuing the scene's description ("… A large red" → shape), the model's own next-token prediction
+   at the key word (best shape / colour), and a guess among the attributes present. A probe far above the model's
+   answers means the information reaches that position and the read-out into the answer tokens is what fails.
 """
 
 from __future__ import annotations
@@ -74,6 +73,11 @@ from tinygptv.templates import get_template
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 GRID = 4
+
+
+def _ranked_first(model, image, prompt: str, candidates: list[str], lead: str = "") -> str:
+    """The candidate the model finds most likely after ``prompt`` (each continuation is ``lead + candidate``)."""
+    return _best(candidates, [model.loglikelihood(image, prompt, lead + c) for c in candidates])
 
 
 def _best(candidates: list[str], scores: list[float]) -> str:
@@ -445,10 +449,8 @@ def reading_probe(model, n: int = 120, n_train: int = 1500, n_test: int = 300) -
                     "colour": VQA_SHORT_ANSWER.format(f"what color is the {o.shape}?")}
             for key, cands, gold, prefix in (("shape", list(SHAPES), o.shape, f"{lead} {o.colour}"),
                                               ("colour", list(COLOURS), o.colour, lead)):
-                said = [model.loglikelihood(image, prefix, " " + c) for c in cands]
-                asked = [model.loglikelihood(image, wrapper.user_turn(asks[key], True), c) for c in cands]
-                hits[f"describe_{key}"] += _best(cands, said) == gold
-                hits[f"ask_{key}"] += _best(cands, asked) == gold
+                hits[f"describe_{key}"] += _ranked_first(model, image, prefix, cands, " ") == gold
+                hits[f"ask_{key}"] += _ranked_first(model, image, wrapper.user_turn(asks[key], True), cands) == gold
     return {"probe_shape": probe, "n": n, **{k: 100 * v / n for k, v in hits.items()}}
 
 
@@ -476,6 +478,7 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
     from tinygptv.synth.text import detail, indefinite
 
     wrapper, tok = get_template("eval"), model.tokenizer
+    vocab = {"shape": list(SHAPES), "colour": list(COLOURS)}
     acts: dict[int, torch.Tensor] = {}
     hooks = [block.register_forward_hook(lambda _m, _i, out, i=i: acts.__setitem__(i, out))
              for i, block in enumerate(model.lm.layers)]
@@ -501,18 +504,17 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
             model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
             last = int((batch.labels[0] != -100).nonzero()[0]) - 1  # predicts the answer's first token
             at = {"key": last - (len(ids) - len(head)), "answer": last}
-            kind_ids = cand_ids[kind]
-            guess = model.lm.lm_head(model.lm.final_layernorm(acts[len(acts) - 1][0, at["key"]]))[kind_ids]
+            guess = model.lm.lm_head(model.lm.final_layernorm(acts[len(acts) - 1][0, at["key"]]))[cand_ids[kind]]
             guesses[kind].append(int(guess.argmax()))
             for layer, h in acts.items():
                 for where, pos in at.items():
                     feats.setdefault((kind, where, layer), []).append(h[0, pos].float())
-            labels[kind].append((SHAPES if kind == "shape" else list(COLOURS)).index(getattr(o, kind)))
+            labels[kind].append(vocab[kind].index(getattr(o, kind)))
         return ({k: torch.stack(v) for k, v in feats.items()}, {k: torch.tensor(v) for k, v in labels.items()},
                 {k: torch.tensor(v) for k, v in guesses.items()})
 
     cand_ids = {}
-    for kind, words in (("shape", SHAPES), ("colour", list(COLOURS))):
+    for kind, words in vocab.items():
         ids = [tok.encode(" " + w) for w in words]
         if any(len(i) != 1 for i in ids):
             raise RuntimeError(f"a {kind} word is not one token: {words}")
@@ -527,26 +529,23 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
     out: dict[str, dict] = {}
     describe = model.template.user_turn("Describe this image in detail.", True)
     for kind in ("shape", "colour"):
-        classes = len(SHAPES) if kind == "shape" else len(COLOURS)
+        cands = vocab[kind]
         row: dict = {f"{where}_layer{layer + 1}": linear_probe(x_tr[kind, where, layer], y_tr[kind],
-                                                               x_te[kind, where, layer], y_te[kind], classes)
+                                                               x_te[kind, where, layer], y_te[kind], len(cands))
                      for (k, where, layer) in x_tr if k == kind}
         asked, said, guess = {}, {}, []
-        cands = list(SHAPES) if kind == "shape" else list(COLOURS)
         with torch.no_grad():
             for scene, k, o in test:
                 if k != kind:
                     continue
                 n, image, gold = len(scene.objects), render(scene), getattr(o, kind)
-                text = prompt(kind, o)[0]
-                scores = [model.loglikelihood(image, text, c) for c in cands]
-                asked.setdefault(n, []).append(_best(cands, scores) == gold)
+                asked.setdefault(n, []).append(_ranked_first(model, image, prompt(kind, o)[0], cands) == gold)
                 guess.append(1 / n)
                 if kind == "shape":  # continuing the scene's own description up to "… a large red"
                     desc, phrase = detail(scene), indefinite(o)
-                    at = desc.lower().index(phrase.lower()) + len(phrase) - len(o.shape) - 1
-                    scores = [model.loglikelihood(image, describe + desc[:at], " " + c) for c in cands]
-                    said.setdefault(n, []).append(_best(cands, scores) == gold)
+                    end = desc.lower().index(phrase.lower()) + len(phrase) - len(o.shape) - 1
+                    said.setdefault(n, []).append(
+                        _ranked_first(model, image, describe + desc[:end], cands, " ") == gold)
         row["asked"] = {n: 100 * sum(v) / len(v) for n, v in sorted(asked.items())}
         row["describing"] = {n: 100 * sum(v) / len(v) for n, v in sorted(said.items())}
         row["present_guess"] = 100 * sum(guess) / len(guess)
