@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from nano_diagnostics import answer_from_context
 from safetensors.torch import load_file
 
 from tinygptv.model.phi import PhiLM
-from tinygptv.model.sequence import IGNORE_INDEX, token_logprobs
+from tinygptv.model.sequence import IGNORE_INDEX
 from tinygptv.nano import stage0
 from tinygptv.nano.recipe import nano_config
 from tinygptv.synth.text import QA, caption, detail, questions
@@ -84,15 +85,8 @@ def binding_accuracy(lm, tok: Tokenizer, n: int = 320, seed: int = 99) -> dict[s
         if not pool:
             continue
         qa = rng.choice(pool)
-        context = tok.encode(description(scene, rng, i % 8 < 4) + "\n" + qa.question)
         cands = list(COLOURS) if kind == "colour" else list(SHAPES)
-        scores = []
-        for c in cands:
-            ids = torch.tensor([context + tok.encode(f" {c}\n")])
-            labels = ids.clone()
-            labels[:, :len(context)] = IGNORE_INDEX
-            scores.append(float(token_logprobs(lm(ids), labels)[0]))
-        best = cands[max(range(len(cands)), key=scores.__getitem__)]
+        best = answer_from_context(lm, tok, description(scene, rng, i % 8 < 4) + "\n" + qa.question, cands)
         hits.setdefault(f"{kind}{objects}", []).append(best == qa.answer)
     lm.train(was_training)
     return {key: 100 * sum(v) / len(v) for key, v in sorted(hits.items())}

@@ -164,6 +164,21 @@ def slot_probe(model, world: Path, n_train: int, n_test: int, steps: int = 500) 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def answer_from_context(lm, tok, context: str, candidates: list[str]) -> str:
+    """The candidate a text-only LM finds likeliest as the answer (`` <candidate>\\n``) after ``context``."""
+    from tinygptv.model.sequence import IGNORE_INDEX, token_logprobs
+
+    ids = tok.encode(context)
+    scores = []
+    for c in candidates:
+        x = torch.tensor([ids + tok.encode(f" {c}\n")])
+        labels = x.clone()
+        labels[:, :len(ids)] = IGNORE_INDEX  # score the answer only
+        scores.append(float(token_logprobs(lm(x), labels)[0]))
+    return _best(candidates, scores)
+
+
 def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, float]:
     """Accuracy (%) of a stage-0 LM answering colour / shape questions about a description in its context."""
     from dataclasses import replace
@@ -171,7 +186,6 @@ def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, fl
     from safetensors.torch import load_file
 
     from tinygptv.model.phi import PhiLM
-    from tinygptv.model.sequence import IGNORE_INDEX, token_logprobs
     from tinygptv.nano.recipe import nano_config
     from tinygptv.synth.text import detail, questions
     from tinygptv.synth.world import sample_scene
@@ -192,15 +206,8 @@ def context_qa(lm_file: Path, tokenizer_dir: Path, n: int = 200) -> dict[str, fl
         if not pool:
             continue
         qa = rng.choice(pool)
-        context = tok.encode(detail(scene) + "\n" + qa.question)
         cands = list(COLOURS) if cat == "colour" else list(SHAPES)
-        scores = []
-        for c in cands:
-            ids = torch.tensor([context + tok.encode(f" {c}\n")])
-            labels = ids.clone()
-            labels[:, :len(context)] = IGNORE_INDEX  # score the answer only
-            scores.append(float(token_logprobs(lm(ids), labels)[0]))
-        right[cat] += _best(cands, scores) == qa.answer
+        right[cat] += answer_from_context(lm, tok, detail(scene) + "\n" + qa.question, cands) == qa.answer
         total[cat] += 1
     return {k: 100 * right[k] / max(1, total[k]) for k in right} | {"n": sum(total.values())}
 

@@ -111,7 +111,8 @@ def _max_batch(cfg: StageConfig) -> int:
 # answers went to 82 / 58 / 78 % (2 / 3 / 4 objects) and the answer-position probe to 90 %; GQA-style colour 55,
 # shape 70, count 60, spatial 54 %, identify 32.5 %, caption recall 57.7 %, IconQA-style 76.5 % (bundle 67.5),
 # VizWiz-style 44.5 % (34.5), GQA-style overall 47.5 % (48.5), and int8 2.5 points under fp32 on shape. Not
-# bundled yet: colour questions need a shape-keyed lookup that no training text teaches (measurement 9).
+# bundled yet: colour questions need a shape-keyed lookup that no training text has taught (measurement 9; nor did
+# shape-first captions, README).
 CHAT_DOCUMENTS = 0.0
 CHAT_TEMPLATES = ("stage3", "stage4", "eval")
 
