@@ -15,10 +15,16 @@ document's start, AdamW with a 30-step warm-up, gradients clipped at 1.0) and is
 - ``continue-answers``: the same, loss on the answer tokens only (the descriptions are unpredictable text that
   could swamp the gradient of the few answer tokens);
 - ``gpt2``: ``transformers``' GPT-2 of the same width and depth, trained from scratch (does our Phi decoder learn
-  differently from a standard implementation?).
+  differently from a standard implementation?);
+- ``slots``: the run's stage-0 LM reading no description but one input vector per object, as an ideal vision
+  tower would hand it over: the sum of the token embeddings of the object's size, colour, shape and place words
+  (the rendered word: its embedding plus that of "word"), scaled to the RMS of a token embedding, each in 1–2 of
+  16 slots at random, the other slots Gaussian noise at half that RMS (the Q-Former's 16 queries). Trained on the
+  same questions after such vectors (loss on the text): is reading attributes *out of* object tokens, with no
+  binding left to do in the input, learnt faster than binding in text?
 
 Usage: ``python benchmarks/lm_binding.py [--run runs/nano] [--steps 400] [--configs continue,gpt2]`` after
-``tinygptv train --recipe nano --output runs/nano``; writes ``benchmarks/results/lm-binding.{md,json}``.
+``tinygptv train --recipe nano --output runs/nano``; writes ``benchmarks/results/<stem>.{md,json}`` (``--stem``, default ``lm-binding``).
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ from tinygptv.model.sequence import IGNORE_INDEX
 from tinygptv.nano import stage0
 from tinygptv.nano.recipe import nano_config
 from tinygptv.synth.text import QA, caption, detail, questions
-from tinygptv.synth.world import COLOURS, SHAPES, Scene, sample_scene
+from tinygptv.synth.world import COLOURS, SHAPES, Scene, region, sample_scene
 from tinygptv.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = ("continue", "continue-answers", "gpt2")
+CONFIGS = ("continue", "continue-answers", "gpt2", "slots")
+SLOTS = 16
 _NOT_FROM_TEXT = re.compile(r"\b(on the|at the|in the|small|large)\b")  # place / size: a description may not say
 
 
@@ -71,12 +78,36 @@ def binding_documents(n: int, seed: int, k: int = 4) -> list[str]:
     return docs
 
 
+def object_tokens(scene: Scene, embed: torch.nn.Embedding, tok: Tokenizer, rng: random.Random,
+                  g: torch.Generator) -> torch.Tensor:
+    """``[SLOTS, C]`` input vectors of the ``slots`` configuration (module docstring)."""
+    table = embed.weight.detach()
+    rms = table.float().pow(2).mean().sqrt()
+
+    def word(w: str) -> torch.Tensor:
+        return table[tok.encode(" " + w)].mean(0)
+
+    things = [[o.size, o.colour, o.shape, *region(scene, o.box).split()] for o in scene.objects]
+    things += [[scene.word.text, "word"]] if scene.word is not None else []
+    noise = torch.randn(SLOTS, table.shape[1], generator=g) * rms
+    out = noise * 0.5
+    free = rng.sample(range(SLOTS), SLOTS)
+    for words in things:
+        v = torch.stack([word(w) for w in words]).sum(0)
+        for _ in range(rng.choice((1, 1, 2))):
+            i = free.pop()
+            out[i] = v * rms / v.pow(2).mean().sqrt() + 0.1 * noise[i]
+    return out
+
+
 @torch.no_grad()
-def binding_accuracy(lm, tok: Tokenizer, n: int = 320, seed: int = 99) -> dict[str, float]:
-    """Accuracy (%) answering from the context, by question kind and object count (keys ``colour2`` …)."""
+def binding_accuracy(lm, tok: Tokenizer, n: int = 320, seed: int = 99, slots: bool = False) -> dict[str, float]:
+    """Accuracy (%) answering from the context (a description, or with ``slots`` the object tokens), by question
+    kind and object count (keys ``colour2`` …)."""
     was_training = lm.training
     lm.eval()
     rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
     hits: dict[str, list[bool]] = {}
     for i in range(n):
         objects, kind = 1 + i % 4, ("colour", "shape")[(i // 4) % 2]
@@ -86,7 +117,10 @@ def binding_accuracy(lm, tok: Tokenizer, n: int = 320, seed: int = 99) -> dict[s
             continue
         qa = rng.choice(pool)
         cands = list(COLOURS) if kind == "colour" else list(SHAPES)
-        best = answer_from_context(lm, tok, description(scene, rng, i % 8 < 4) + "\n" + qa.question, cands)
+        if slots:
+            best = answer_from_context(lm, tok, qa.question, cands, object_tokens(scene, lm.embed_tokens, tok, rng, g))
+        else:
+            best = answer_from_context(lm, tok, description(scene, rng, i % 8 < 4) + "\n" + qa.question, cands)
         hits.setdefault(f"{kind}{objects}", []).append(best == qa.answer)
     lm.train(was_training)
     return {key: 100 * sum(v) / len(v) for key, v in sorted(hits.items())}
@@ -120,9 +154,11 @@ def make_lm(config: str, run: Path, vocab_size: int):
 def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: int, lr: float,
                     docs: int) -> list[dict]:
     lm = make_lm(config, run, tok.vocab_size)
-    rows = [{"config": config, "step": 0, "loss": None, **binding_accuracy(lm, tok)}]
+    slots = config == "slots"
+    rows = [{"config": config, "step": 0, "loss": None, **binding_accuracy(lm, tok, slots=slots)}]
     print(rows[-1], flush=True)
     data, starts = stage0.line_windows(tok, binding_documents(docs, 7), 128)
+    scenes = random.Random("slots-7")
     question_end = tok.encode("?")[0]
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
@@ -130,21 +166,44 @@ def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: i
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / 30)
-        picked = starts[torch.randint(0, len(starts), (32,), generator=g)]
-        x = torch.stack([data[s:s + 129] for s in picked.tolist()])
-        target = x[:, 1:].clone()
-        if config == "continue-answers":  # an answer is the token after "?"
-            target[x[:, :-1] != question_end] = IGNORE_INDEX
-        logits = lm(x[:, :-1])
+        if slots:
+            logits, target = slot_batch(lm, tok, scenes, g)
+        else:
+            picked = starts[torch.randint(0, len(starts), (32,), generator=g)]
+            x = torch.stack([data[s:s + 129] for s in picked.tolist()])
+            target = x[:, 1:].clone()
+            if config == "continue-answers":  # an answer is the token after "?"
+                target[x[:, :-1] != question_end] = IGNORE_INDEX
+            logits = lm(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % every == 0 or step == steps:
-            rows.append({"config": config, "step": step, "loss": loss.item(), **binding_accuracy(lm, tok)})
+            rows.append({"config": config, "step": step, "loss": loss.item(), **binding_accuracy(lm, tok, slots=slots)})
             print(rows[-1], flush=True)
     return rows
+
+
+def slot_batch(lm: PhiLM, tok: Tokenizer, rng: random.Random, g: torch.Generator, batch: int = 32, k: int = 4
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of ``batch`` fresh scenes as object tokens, each followed by up to ``k`` binding questions
+    with their answers (right-padded; loss on the text)."""
+    seqs, prefixes = [], []
+    for _ in range(batch):
+        scene = sample_scene(rng, f"slots-{rng.random()}")
+        pool = binding_questions(scene, rng, "colour") + binding_questions(scene, rng, "shape")
+        text = "\n".join(f"{qa.question} {qa.answer}" for qa in rng.sample(pool, min(k, len(pool))))
+        seqs.append(tok.encode(text + "\n"))
+        prefixes.append(object_tokens(scene, lm.embed_tokens, tok, rng, g))
+    length = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.eos_id] * (length - len(s)) for s in seqs])
+    keep = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs])
+    embeds = torch.cat([torch.stack(prefixes), lm.embed_tokens(ids)], 1)
+    mask = torch.cat([torch.ones(batch, SLOTS, dtype=torch.long), keep], 1)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask)[:, SLOTS - 1:-1]  # the positions predicting the text
+    return logits, ids.masked_fill(keep == 0, IGNORE_INDEX)
 
 
 def main() -> None:
@@ -155,6 +214,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--docs", type=int, default=15000, help="binding documents to draw the windows from")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--stem", default="lm-binding", help="results file name in benchmarks/results/")
     args = ap.parse_args()
     run = Path(args.run)
     tok = Tokenizer.from_folder(run / "stage0" / "tokenizer")
@@ -166,10 +226,10 @@ def main() -> None:
     report = {"run": str(run), "args": vars(args), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "seconds": round(time.perf_counter() - t0), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lm-binding.json").write_text(json.dumps(report, indent=1))
-    lines = ["# Binding in the nano LM's context (text only)", "",
+    (RESULTS / f"{args.stem}.json").write_text(json.dumps(report, indent=1))
+    lines = ["# Binding in the nano LM's context (text, or object tokens with `slots`)", "",
              (f"Stage-0 LM of `{run}`; produced by `python benchmarks/lm_binding.py --run {run} --steps {args.steps} "
-              f"--configs {args.configs}` ({report['seconds']} s). Answers ranked among all colours / shapes; "
+              f"--every {args.every} --configs {args.configs} --stem {args.stem}` ({report['seconds']} s). Answers ranked among all colours / shapes; "
               "a guess among the attributes present scores 100 / 50 / 33 / 25 % for 1 / 2 / 3 / 4 objects."), "",
              "| config | step | loss | " + " | ".join(f"{k[:-1]} {k[-1]} obj %" for k in keys) + " |",
              "|---" * (3 + len(keys)) + "|"]
@@ -177,7 +237,7 @@ def main() -> None:
         loss = "—" if r["loss"] is None else f"{r['loss']:.3f}"
         lines.append(f"| {r['config']} | {r['step']} | {loss} | "
                      + " | ".join(f"{r[k]:.0f}" if k in r else "—" for k in keys) + " |")
-    (RESULTS / "lm-binding.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -165,17 +165,20 @@ def slot_probe(model, world: Path, n_train: int, n_test: int, steps: int = 500) 
 
 @torch.no_grad()
 @torch.no_grad()
-def answer_from_context(lm, tok, context: str, candidates: list[str]) -> str:
-    """The candidate a text-only LM finds likeliest as the answer (`` <candidate>\\n``) after ``context``."""
+def answer_from_context(lm, tok, context: str, candidates: list[str], prefix: torch.Tensor | None = None) -> str:
+    """The candidate a text-only LM finds likeliest as the answer (`` <candidate>\\n``) after ``context``,
+    itself after the input vectors ``prefix [P, C]`` if given (``lm`` must then be a ``PhiLM``)."""
     from tinygptv.model.sequence import IGNORE_INDEX, token_logprobs
 
     ids = tok.encode(context)
+    lead = 0 if prefix is None else prefix.shape[0]
     scores = []
     for c in candidates:
         x = torch.tensor([ids + tok.encode(f" {c}\n")])
-        labels = x.clone()
-        labels[:, :len(ids)] = IGNORE_INDEX  # score the answer only
-        scores.append(float(token_logprobs(lm(x), labels)[0]))
+        labels = torch.cat([torch.full((1, lead), IGNORE_INDEX), x], 1)
+        labels[:, :lead + len(ids)] = IGNORE_INDEX  # score the answer only
+        logits = lm(x) if prefix is None else lm(inputs_embeds=torch.cat([prefix[None], lm.embed_tokens(x)], 1))
+        scores.append(float(token_logprobs(logits, labels)[0]))
     return _best(candidates, scores)
 
 
