@@ -22,6 +22,10 @@ document's start, AdamW with a 30-step warm-up, gradients clipped at 1.0) and is
   16 slots at random, the other slots Gaussian noise at half that RMS (the Q-Former's 16 queries). Trained on the
   same questions after such vectors (loss on the text): is reading attributes *out of* object tokens, with no
   binding left to do in the input, learnt faster than binding in text?
+- ``slots-curriculum``: ``slots``, but for the first third of the steps every question ends with the word it is
+  keyed by ("what color is the cross", "what shape is the object that is red"), so the lookup can happen at the
+  last token; then the questions as asked. (Answering "what color is the cross?" takes two hops: bring "cross" to
+  the position after "?", then look it up; neither hop helps the loss until the other exists.)
 
 Usage: ``python benchmarks/lm_binding.py [--run runs/nano] [--steps 400] [--configs continue,gpt2]`` after
 ``tinygptv train --recipe nano --output runs/nano``; writes ``benchmarks/results/<stem>.{md,json}`` (``--stem``, default ``lm-binding``).
@@ -52,7 +56,7 @@ from tinygptv.synth.world import COLOURS, SHAPES, Scene, region, sample_scene
 from tinygptv.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = ("continue", "continue-answers", "gpt2", "slots")
+CONFIGS = ("continue", "continue-answers", "gpt2", "slots", "slots-curriculum")
 SLOTS = 16
 _NOT_FROM_TEXT = re.compile(r"\b(on the|at the|in the|small|large)\b")  # place / size: a description may not say
 
@@ -60,6 +64,12 @@ _NOT_FROM_TEXT = re.compile(r"\b(on the|at the|in the|small|large)\b")  # place 
 def binding_questions(scene: Scene, rng: random.Random, kind: str) -> list[QA]:
     """The scene's ``kind`` ("colour" / "shape") questions that name only a colour or a shape."""
     return [qa for qa in questions(scene, rng)[kind] if not _NOT_FROM_TEXT.search(qa.question)]
+
+
+def keyed_last(question: str) -> str:
+    """The same question ending with the word it is keyed by (first phase of ``slots-curriculum``)."""
+    colour_of = re.fullmatch(r"what shape is the (\w+) object\?", question)
+    return f"what shape is the object that is {colour_of[1]}" if colour_of else question.removesuffix("?")
 
 
 def description(scene: Scene, rng: random.Random, detailed: bool) -> str:
@@ -154,7 +164,7 @@ def make_lm(config: str, run: Path, vocab_size: int):
 def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: int, lr: float,
                     docs: int) -> list[dict]:
     lm = make_lm(config, run, tok.vocab_size)
-    slots = config == "slots"
+    slots = config.startswith("slots")
     rows = [{"config": config, "step": 0, "loss": None, **binding_accuracy(lm, tok, slots=slots)}]
     print(rows[-1], flush=True)
     data, starts = stage0.line_windows(tok, binding_documents(docs, 7), 128)
@@ -167,7 +177,7 @@ def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: i
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / 30)
         if slots:
-            logits, target = slot_batch(lm, tok, scenes, g)
+            logits, target = slot_batch(lm, tok, scenes, g, key_last=config == "slots-curriculum" and step <= steps // 3)
         else:
             picked = starts[torch.randint(0, len(starts), (32,), generator=g)]
             x = torch.stack([data[s:s + 129] for s in picked.tolist()])
@@ -186,15 +196,17 @@ def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: i
     return rows
 
 
-def slot_batch(lm: PhiLM, tok: Tokenizer, rng: random.Random, g: torch.Generator, batch: int = 32, k: int = 4
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_batch(lm: PhiLM, tok: Tokenizer, rng: random.Random, g: torch.Generator, batch: int = 32, k: int = 4,
+               key_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of ``batch`` fresh scenes as object tokens, each followed by up to ``k`` binding questions
-    with their answers (right-padded; loss on the text)."""
+    with their answers (right-padded; loss on the text); ``key_last``: the questions in :func:`keyed_last` form."""
     seqs, prefixes = [], []
     for _ in range(batch):
         scene = sample_scene(rng, f"slots-{rng.random()}")
         pool = binding_questions(scene, rng, "colour") + binding_questions(scene, rng, "shape")
-        text = "\n".join(f"{qa.question} {qa.answer}" for qa in rng.sample(pool, min(k, len(pool))))
+        asked = [(keyed_last(qa.question) if key_last else qa.question, qa.answer)
+                 for qa in rng.sample(pool, min(k, len(pool)))]
+        text = "\n".join(f"{q} {a}" for q, a in asked)
         seqs.append(tok.encode(text + "\n"))
         prefixes.append(object_tokens(scene, lm.embed_tokens, tok, rng, g))
     length = max(map(len, seqs))
