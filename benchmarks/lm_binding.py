@@ -167,7 +167,8 @@ def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: i
     slots = config.startswith("slots")
     rows = [{"config": config, "step": 0, "loss": None, **binding_accuracy(lm, tok, slots=slots)}]
     print(rows[-1], flush=True)
-    data, starts = stage0.line_windows(tok, binding_documents(docs, 7), 128)
+    if not slots:  # text configurations draw windows from a fixed pool of documents; slots draw fresh scenes
+        data, starts = stage0.line_windows(tok, binding_documents(docs, 7), 128)
     scenes = random.Random("slots-7")
     question_end = tok.encode("?")[0]
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
