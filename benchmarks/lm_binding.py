@@ -51,7 +51,7 @@ from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import IGNORE_INDEX
 from tinygptv.nano import stage0
 from tinygptv.nano.recipe import nano_config
-from tinygptv.synth.text import QA, caption, detail, questions
+from tinygptv.synth.text import QA, caption, detail, keyed_last, questions
 from tinygptv.synth.world import COLOURS, SHAPES, Scene, region, sample_scene
 from tinygptv.tokenizer import Tokenizer
 
@@ -64,12 +64,6 @@ _NOT_FROM_TEXT = re.compile(r"\b(on the|at the|in the|small|large)\b")  # place 
 def binding_questions(scene: Scene, rng: random.Random, kind: str) -> list[QA]:
     """The scene's ``kind`` ("colour" / "shape") questions that name only a colour or a shape."""
     return [qa for qa in questions(scene, rng)[kind] if not _NOT_FROM_TEXT.search(qa.question)]
-
-
-def keyed_last(question: str) -> str:
-    """The same question ending with the word it is keyed by (first phase of ``slots-curriculum``)."""
-    colour_of = re.fullmatch(r"what shape is the (\w+) object\?", question)
-    return f"what shape is the object that is {colour_of[1]}" if colour_of else question.removesuffix("?")
 
 
 def description(scene: Scene, rng: random.Random, detailed: bool) -> str:

@@ -29,6 +29,9 @@ RECIPE_DIR = Path(tinygptv.__file__).parent / "configs" / "train"
 SIZES = (64, 128)  # stages 1-3, stage 4
 LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 1500  # stage 0: LM, ViT alone, ViT + Q-Former through the LM
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
+OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
+# how often each kind of question is asked about object tokens (binding questions need the most steps)
+OBJECT_QUESTIONS = {"colour": 3, "shape": 3, "count": 2, "size": 1, "exist": 1, "spatial": 1, "text": 1}
 
 
 def nano_config(vocab_size: int) -> ModelConfig:
@@ -151,6 +154,44 @@ def chat_document(scene, rng: random.Random, k: int = 2) -> str:
     return stage0.SEGMENT.join(pieces[:-1])
 
 
+def object_words(scene) -> list[list[str]]:
+    """The words of each object (size, colour, shape, place on the 3 × 3 grid), and of the rendered word."""
+    from tinygptv.synth.world import region
+
+    words = [[o.size, o.colour, o.shape, *region(scene, o.box).split()] for o in scene.objects]
+    return words + ([[scene.word.text, "word"]] if scene.word is not None else [])
+
+
+def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[tuple[str, str]]:
+    """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: colour / shape
+    questions reworded to end with their key (:func:`tinygptv.synth.text.keyed_last`)."""
+    from tinygptv.synth.text import keyed_last, questions
+
+    pool = questions(scene, rng)
+    kinds = [c for c in OBJECT_QUESTIONS if pool.get(c)]
+    out = []
+    for _ in range(k):
+        qa = rng.choice(pool[rng.choices(kinds, [OBJECT_QUESTIONS[c] for c in kinds])[0]])
+        out.append((keyed_last(qa.question) if key_last and qa.category in ("colour", "shape") else qa.question,
+                    qa.answer))
+    return out
+
+
+def scene_objects(seed: int, size: int = 128) -> stage0.ObjectFn:
+    """Fresh scenes as object words plus questions, for :func:`tinygptv.nano.stage0.pretrain_lm_objects`."""
+    from tinygptv.synth.text import caption, detail
+    from tinygptv.synth.world import sample_scene
+
+    counter = iter(range(10**9))
+
+    def item(rng: random.Random, key_last: bool):
+        scene = sample_scene(rng, f"objects-{seed}-{next(counter)}", image_size=size)
+        described = caption(scene, rng) if rng.random() < 0.5 else detail(scene)
+        return object_words(scene), object_questions(scene, rng, 3, key_last), described
+
+    return item
+
+
 def scene_pairs(seed: int, size: int):
     """(image, dense grounded description, auxiliary targets) of fresh scenes for stage-0 vision pretraining."""
     from tinygptv.synth.render import render
@@ -170,6 +211,7 @@ def scene_pairs(seed: int, size: int):
             word = scene.word
             targets = stage0.dense_targets(objects, word.box if word else None,
                                            words.index(word.text) + 1 if word else 0, scene.size, grid)
+            targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False))
             out.append((render(scene), text, targets))
         return out
 
@@ -210,16 +252,25 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         lines = (world / "corpus.txt").read_text(encoding="utf-8").splitlines()
         tok = stage0.train_tokenizer(lines, 1024, out / "stage0" / "tokenizer")
         cfg = nano_config(tok.vocab_size)
-        lm_file = out / "stage0" / "lm.safetensors"
-        lm_done = lm_file.is_file()  # a continued recipe keeps the time recorded when the LM was trained
-        if lm_done:
-            lm_state = load_file(str(lm_file))
+        text_file, lm_file = out / "stage0" / "lm-text.safetensors", out / "stage0" / "lm.safetensors"
+        done = lm_file.is_file() or text_file.is_file()  # a continued recipe keeps the times recorded before
+        if done:
+            lm_state = load_file(str(text_file)) if text_file.is_file() else None
         else:
             docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
             lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
                                           seed=seed)
+            save_file(lm_state, str(text_file))
+        ran("stage0_lm", t, not done)
+        t = time.perf_counter()
+        done = lm_file.is_file()
+        if done:
+            lm_state = load_file(str(lm_file))
+        else:
+            lm_state = stage0.pretrain_lm_objects(cfg, tok, lm_state, lines, scene_objects(seed),
+                                                  steps=max(2, round(OBJECT_STEPS * steps_scale)), seed=seed)
             save_file(lm_state, str(lm_file))
-        ran("stage0_lm", t, not lm_done)
+        ran("stage0_lm_objects", t, not done)
         t = time.perf_counter()
         vis, qf = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
@@ -227,8 +278,8 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed)
         ran("stage0_vision", t, True)
     else:
-        ran("stage0_lm", t, False)
-        ran("stage0_vision", t, False)
+        for name in ("stage0_lm", "stage0_lm_objects", "stage0_vision"):
+            ran(name, t, False)
     init: Path = base
     for name in ("stage1", "stage2", "stage3", "stage4"):
         t = time.perf_counter()

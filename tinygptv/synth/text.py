@@ -9,6 +9,7 @@ vocabulary (``"red"``, ``"circle"``, ``"2"``, ``"yes"``, ``"small"``, ``"cat"``)
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from tinygptv.data.processors import box_to_text
@@ -198,6 +199,15 @@ def sample_questions(scene: Scene, rng: random.Random, k: int,
         if all(q.question != qa.question for q in out):
             out.append(qa)
     return out
+
+
+def keyed_last(question: str) -> str:
+    """The question reworded to end with the words it is keyed by: "what color is the cross?" → "what color is the
+    cross", "what shape is the red object?" → "what shape is the object that is red". Asked so, the lookup can
+    happen at the last token; as written, answering takes two hops (bring the key to the answer position, then look
+    it up) that gradient descent does not start on its own (``benchmarks/results/lm-binding-curriculum.md``)."""
+    colour_of = re.fullmatch(r"what shape is the (\w+) object\?", question)
+    return f"what shape is the object that is {colour_of[1]}" if colour_of else question.removesuffix("?")
 
 
 def document(scene: Scene, rng: random.Random, k: int = 4) -> str:
