@@ -14,6 +14,8 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
 
     out = tmp_path / "nano"
     summary = run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
+    amp = summary["amp"]
+    assert amp in ("none", "bf16")  # "auto" is resolved once for the whole run
     assert set(summary["timings_s"]) >= {"synth", "stage0_lm", "stage0_lm_objects", "stage0_vision", "stage1",
                                          "stage2", "stage3", "stage4"}
     for stage in ("stage1", "stage2", "stage3", "stage4"):
@@ -41,7 +43,11 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
     from tinygptv.system import cpu_name
 
     text = write_report(out / "nano.md", third, {"fp32": res}, losses(out), None, "test")
-    assert f"Machine: {cpu_name()}" in text and "training precision (`run.amp: auto`)" in text
+    assert f"Machine: {cpu_name()}" in text and f"training precision: {'fp32' if amp == 'none' else 'bf16'}" in text
+    # the precision is fixed for the whole output: continuing at another one is refused before any work
+    other = "bf16" if amp == "none" else "none"
+    with pytest.raises(ValueError, match=f"was trained with amp='{amp}'.*--amp {amp}"):
+        run(out, steps_scale=0.004, world_scale=0.03, eval_size=4, amp=other)
 
 
 @pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")

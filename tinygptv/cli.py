@@ -256,7 +256,7 @@ def _train_nano(args) -> int:
 
     out = Path(args.output if args.output != "runs/train" else "runs/nano")
     summary = recipe.run(out, seed=args.seed, steps_scale=args.steps_scale, world_scale=args.world_scale,
-                         eval_size=args.eval_size)
+                         eval_size=args.eval_size, amp=args.amp)
     final = Path(summary["final"])
     runs = {q: evaluate(final, out / "world", out / f"eval-{q}", quantize=None if q == "fp32" else q)
             for q in args.eval_quantize.split(",") if q}
@@ -267,7 +267,8 @@ def _train_nano(args) -> int:
         print(f"bundled the model into {dest} ({size / 1e6:.1f} MB)")
     if runs:
         report = Path(args.report) if args.report else out / "nano.md"
-        command = "tinygptv train --recipe nano" + (" --bundle" if args.bundle else "")
+        command = ("tinygptv train --recipe nano" + (f" --amp {args.amp}" if args.amp != "auto" else "")
+                   + (" --bundle" if args.bundle else ""))
         print(write_report(report, summary, runs, recipe.losses(out), size, command))
     return 0
 
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps")
     g.add_argument("--world-scale", type=float, default=1.0, help="multiply the synthetic datasets' sizes")
     g.add_argument("--eval-size", type=int, default=200, help="items per held-out synthetic eval set")
+    g.add_argument("--amp", choices=["auto", "none", "bf16"], default="auto",
+                   help="training precision: auto = bf16 autocast where the CPU has fast bf16 (AMX, AVX-512-BF16), "
+                        "fp32 elsewhere; none = fp32 everywhere (the bundled model's precision)")
     g.add_argument("--eval-quantize", default="fp32,int8", help="evaluate the final model at these precisions")
     g.add_argument("--bundle", action="store_true", help="write the final model into the package (the default model)")
     g.add_argument("--report", help="write the results table here (default: <output>/nano.md)")

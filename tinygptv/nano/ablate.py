@@ -70,13 +70,15 @@ def ablate(nano_out: str | Path, out: str | Path, steps_scale: float = 0.3,
         raise FileNotFoundError(f"{nano_out}: no stage-0 base; run `tinygptv train --recipe nano --output "
                                 f"{nano_out}` first (the ablation reuses its world and backbones)")
     world, base = nano_out / "world", nano_out / "stage0" / "base"
+    precision = nano_out / "precision.json"  # the recipe's training precision, so that the variants compare alike
+    amp = json.loads(precision.read_text())["amp"] if precision.is_file() else "auto"
     table: dict[str, Any] = {}
     for name in variants or list(VARIANTS):
         spec = VARIANTS[name]
         init: Path = variant_base(base, spec.get("model", {}), out / name / "base")
         table[name] = {}
         for stage in STAGES:
-            cfg = stage_config(stage, init, steps_scale).with_overrides(spec.get("stage", {}))
+            cfg = stage_config(stage, init, steps_scale, amp).with_overrides(spec.get("stage", {}))
             if name == "no_lora":
                 cfg = cfg.with_overrides({"trainable.lora": False})
             stage_out = out / name / stage
@@ -94,8 +96,8 @@ def ablate(nano_out: str | Path, out: str | Path, steps_scale: float = 0.3,
 
 def markdown(table: dict[str, Any], command: str) -> str:
     lines = ["# Ablation at nano scale (the paper's Table 4)", "",
-             "Final training loss per stage; `NaN×k` = k non-finite losses, `vanish×k` = k logged steps with "
-             f"gradient norm < {VANISHED:g}; `stopped` = training halted.", "",
+             ("Final training loss per stage; `NaN×k` = k non-finite losses, `vanish×k` = k logged steps with "
+              f"gradient norm < {VANISHED:g}; `stopped` = training halted."), "",
              "| variant | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for name, stages in table.items():
         cells = []
@@ -147,4 +149,4 @@ def plot(table: dict[str, Any], path: Path, size: tuple[int, int] = (1000, 420))
     img.save(path)
 
 
-__all__ = ["ablate", "markdown", "plot", "VARIANTS"]
+__all__ = ["VARIANTS", "ablate", "markdown", "plot"]

@@ -17,8 +17,10 @@ import random
 import time
 from pathlib import Path
 
-import tinygptv
+import torch
 from safetensors.torch import load_file, save_file
+
+import tinygptv
 from tinygptv.config import LMConfig, LoRAConfig, ModelConfig, ProjectorConfig, QFormerConfig, VisionConfig
 from tinygptv.nano import stage0
 from tinygptv.train.config import StageConfig
@@ -61,13 +63,13 @@ STAGE_OVERRIDES: dict[str, dict] = {
 }
 
 
-def stage_config(name: str, init: str | Path, steps_scale: float) -> StageConfig:
+def stage_config(name: str, init: str | Path, steps_scale: float, amp: str = "auto") -> StageConfig:
     over = dict(STAGE_OVERRIDES[name])
     batch = over.pop("batch")
     over["run.iters_per_epoch"] = max(1, round(over["run.iters_per_epoch"] * steps_scale))
     over["optim.warmup_steps"] = max(1, min(round(over["optim.warmup_steps"] * steps_scale),
                                             over["run.iters_per_epoch"]))
-    over.update({"init": str(init), "run.amp": "auto", "run.device": "cpu", "data.num_workers": 0,
+    over.update({"init": str(init), "run.amp": amp, "run.device": "cpu", "data.num_workers": 0,
                  "run.log_every": 10, "run.keep_checkpoints": 1})
     cfg = StageConfig.from_yaml(RECIPE_DIR / f"{name}.yaml").with_overrides(over)
     cfg.data.mixture = {k: {**v, "batch_size": max(1, round(batch * v["batch_size"] / _max_batch(cfg)))}
@@ -164,7 +166,7 @@ def object_words(scene) -> list[list[str]]:
 
 def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[tuple[str, str]]:
     """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: colour / shape
-    questions reworded to end with their key (:func:`tinygptv.synth.text.keyed_last`)."""
+    questions reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
     from tinygptv.synth.text import keyed_last, questions
 
     pool = questions(scene, rng)
@@ -221,13 +223,33 @@ def scene_pairs(seed: int, size: int):
 
 
 def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: float = 1.0,
-        eval_size: int = 200) -> dict:
-    """Run (or continue) the whole nano recipe under ``out``; returns a summary with timings and accuracies."""
+        eval_size: int = 200, amp: str = "auto") -> dict:
+    """Run (or continue) the whole nano recipe under ``out``; returns a summary with timings and accuracies.
+
+    ``amp``: training precision (``auto``: bf16 autocast on CPUs with fast bf16, fp32 elsewhere; ``none``: fp32
+    everywhere, which reproduces the bundled model; ``bf16``). It is resolved once and recorded in
+    ``out/precision.json``; continuing a run at another precision is an error, so one model is never trained
+    half in each.
+    """
     from tinygptv.synth.generate import generate_world
-    from tinygptv.train.loop import train
+    from tinygptv.train.loop import resolve_amp, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if amp not in ("auto", "none", "bf16"):
+        raise ValueError(f"amp={amp!r}: valid values are 'auto', 'none' (fp32) and 'bf16'")
+    amp = resolve_amp(amp, torch.device("cpu"))
+    precision_file = out / "precision.json"
+    if precision_file.is_file():
+        before = json.loads(precision_file.read_text())["amp"]
+        if before != amp:
+            raise ValueError(f"{out} was trained with amp={before!r}; continue it with --amp {before} "
+                             f"or start a new --output (asked for amp={amp!r})")
+    else:
+        if (out / "timings.json").is_file():
+            log.warning("%s holds earlier work without a recorded precision; the rest is trained with amp=%s",
+                        out, amp)
+        precision_file.write_text(json.dumps({"amp": amp}))
     timings: dict[str, float] = {}  # this call
     times_file = out / "timings.json"  # every step's time when it ran (a continued recipe keeps the first ones)
     recorded: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
@@ -252,14 +274,18 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         lines = (world / "corpus.txt").read_text(encoding="utf-8").splitlines()
         tok = stage0.train_tokenizer(lines, 1024, out / "stage0" / "tokenizer")
         cfg = nano_config(tok.vocab_size)
-        text_file, lm_file = out / "stage0" / "lm-text.safetensors", out / "stage0" / "lm.safetensors"
-        done = lm_file.is_file() or text_file.is_file()  # a continued recipe keeps the times recorded before
-        if done:
-            lm_state = load_file(str(text_file)) if text_file.is_file() else None
+        # the LM after its text phase, then after its object-token phase (a continued recipe skips what is saved and
+        # keeps the times recorded when it ran)
+        text_file, lm_file = out / "stage0" / "lm.safetensors", out / "stage0" / "lm-objects.safetensors"
+        done = text_file.is_file()
+        if lm_file.is_file():
+            lm_state = None  # loaded below
+        elif done:
+            lm_state = load_file(str(text_file))
         else:
             docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
             lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
-                                          seed=seed)
+                                          seed=seed, amp=amp)
             save_file(lm_state, str(text_file))
         ran("stage0_lm", t, not done)
         t = time.perf_counter()
@@ -268,13 +294,14 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
             lm_state = load_file(str(lm_file))
         else:
             lm_state = stage0.pretrain_lm_objects(cfg, tok, lm_state, lines, scene_objects(seed),
-                                                  steps=max(2, round(OBJECT_STEPS * steps_scale)), seed=seed)
+                                                  steps=max(2, round(OBJECT_STEPS * steps_scale)), seed=seed,
+                                                  amp=amp)
             save_file(lm_state, str(lm_file))
         ran("stage0_lm_objects", t, not done)
         t = time.perf_counter()
         vis, qf = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
-                                         vit_steps=max(2, round(VIT_STEPS * steps_scale)))
+                                         vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp)
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed)
         ran("stage0_vision", t, True)
     else:
@@ -286,11 +313,11 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         final = out / name / "final"
         todo = not (final / "config.yaml").is_file()
         if todo:
-            train(stage_config(name, init, steps_scale), world, out / name, resume=True)
+            train(stage_config(name, init, steps_scale, amp), world, out / name, resume=True)
         ran(name, t, todo)
         init = final
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "step_times_s": recorded,
-               "final": str(init)}
+               "final": str(init), "amp": amp}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -312,4 +339,4 @@ def bundle(final: str | Path, dest: str | Path) -> Path:
     return tinygptv.save(model, dest)
 
 
-__all__ = ["run", "nano_config", "stage_config", "bundle", "losses"]
+__all__ = ["bundle", "losses", "nano_config", "run", "stage_config"]

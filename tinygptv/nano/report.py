@@ -41,10 +41,12 @@ def write_report(path: Path, recipe: dict[str, Any], runs: dict[str, dict[str, A
     from tinygptv.system import cpu_name
     from tinygptv.train.loop import fast_bf16
 
-    precision = "bf16 autocast" if fast_bf16(torch.device("cpu")) else "fp32 (no fast bf16 on this CPU)"
+    amp = recipe.get("amp")
+    precision = ({"bf16": "bf16 autocast", "none": "fp32"}.get(amp, amp) if amp else  # older summaries: auto
+                 ("bf16 autocast" if fast_bf16(torch.device("cpu")) else "fp32") + " (not recorded: `auto` here)")
     lines = ["# Nano TinyGPT-V: the whole method on a CPU", "",
-             f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}; training precision (`run.amp: auto`): {precision}. Produced by `{command}`.", "",
+             (f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}; training precision: {precision}. Produced by `{command}`."), "",
              "## Time per step of the recipe (seconds)", "", "| " + " | ".join(times) + " | total |",
              "|" + "---|" * (len(times) + 1),
              "| " + " | ".join(f"{v:.0f}" for v in times.values()) + f" | {sum(times.values()):.0f} |", "",

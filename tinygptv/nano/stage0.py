@@ -36,9 +36,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,7 @@ class _Steps:
 
 
 def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, batch: int = 32,
-                seq_len: int = 128, lr: float = 2e-3, seed: int = 0) -> dict[str, torch.Tensor]:
+                seq_len: int = 128, lr: float = 2e-3, seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
     """Causal-LM pretraining of the plain Phi decoder on ``lines``; returns its state dict.
 
     The lines are concatenated (each ends with ``<|endoftext|>``) and every training window starts at the start of
@@ -126,7 +126,7 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM")
     g = torch.Generator().manual_seed(seed)
     lm.train()
-    autocast = _autocast()
+    autocast = _autocast(amp)
     for step in opt:
         picked = starts[torch.randint(0, len(starts), (batch,), generator=g)]
         x = torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
@@ -158,8 +158,10 @@ def object_vectors(objects: list[list[str]], table: torch.Tensor, tok: Tokenizer
 
 def object_slots(vectors: torch.Tensor, n_slots: int, rms: torch.Tensor, rng: random.Random,
                  g: torch.Generator) -> torch.Tensor:
-    """``[n_slots, C]``: each object vector in one random slot, the other slots Gaussian noise of RMS
-    :data:`OBJECT_SLOTS_EMPTY` × ``rms``, everything jittered by 0.1 × ``rms``."""
+    """``[n_slots, C]``: each object vector, jittered by Gaussian noise of RMS 0.1 × ``rms``, in one random slot; the
+    other slots Gaussian noise of RMS :data:`OBJECT_SLOTS_EMPTY` × ``rms``."""
+    if len(vectors) > n_slots:
+        raise ValueError(f"{len(vectors)} objects do not fit in {n_slots} slots")
     noise = torch.randn(n_slots, vectors.shape[1], generator=g) * rms
     out = noise * OBJECT_SLOTS_EMPTY
     for i, v in zip(rng.sample(range(n_slots), len(vectors)), vectors):
@@ -187,7 +189,7 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], lines: list[str],
                         scenes: ObjectFn, steps: int, batch: int = 24, text_batch: int = 8, lr: float = 2e-3,
                         key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
+                        seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
     """Continue the stage-0 LM on object tokens (:func:`object_slots`), as it will read them from the vision
     tower: questions about them (:func:`qa_example`), or for ``describe`` of the scenes their description right
     after them (the layout of stage 1, whose captions are all the projection learns from), plus ``text_batch``
@@ -208,7 +210,7 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     g = torch.Generator().manual_seed(seed)
     n_slots = cfg.qformer.num_queries
     lm.train()
-    autocast = _autocast()
+    autocast = _autocast(amp)
     for step in opt:
         table = lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
@@ -311,7 +313,7 @@ class AuxHeads(torch.nn.Module):
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
-                    seed: int = 0, vit_steps: int = 0) -> tuple[dict, dict]:
+                    seed: int = 0, vit_steps: int = 0, amp: str = "auto") -> tuple[dict, dict]:
     """Train ViT + Q-Former (+ a temporary projection) through the frozen plain LM on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
@@ -330,12 +332,12 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     heads = AuxHeads(cfg.vision.width, cfg.qformer.hidden, cfg.qformer.num_queries, pairs.classes, AUX_GRID)
     rng = random.Random(seed)
     if vit_steps:
-        warm_up_vit(model.vision, heads, pairs, rng, vit_steps, min(sizes), batch, lr, cfg.vision.patch_size)
+        warm_up_vit(model.vision, heads, pairs, rng, vit_steps, min(sizes), batch, lr, cfg.vision.patch_size, amp)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     opt = _Steps(params, steps, lr, 0.05, "stage0 vision")
     model.train()
     model.lm.eval()
-    autocast = _autocast()
+    autocast = _autocast(amp)
     table = model.lm.embed_tokens.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
     shown: dict = {}
@@ -372,12 +374,14 @@ def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor], rms: torch
     """Regression of the image tokens ``emb [B, Q, C]`` onto each image's object vectors ``[n, C]``
     (:func:`object_vectors`), DETR-style: every object is matched to the query token nearest to it (greedily,
     nearest pair first), the unmatched tokens are pulled towards 0 (an empty slot) with weight 0.1. Mean squared
-    errors relative to ``rms``², averaged over the images."""
-    total = emb.new_zeros(())
+    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image."""
+    total = emb.new_zeros((), dtype=torch.float32)
     for e, targets in zip(emb.float(), objects):
+        if len(targets) >= len(e):
+            raise ValueError(f"{len(targets)} objects for {len(e)} image tokens: the matching needs fewer objects")
         cost = (e[:, None] - targets[None]).pow(2).mean(-1) / rms ** 2  # [Q, n]
         free = cost.detach().clone()
-        rest = torch.ones(len(e), dtype=torch.bool)
+        rest = torch.ones(len(e), dtype=torch.bool, device=e.device)
         matched = []
         for _ in range(len(targets)):
             q, n = divmod(int(free.argmin()), free.shape[1])
@@ -388,7 +392,7 @@ def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor], rms: torch
 
 
 def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: random.Random, steps: int,
-                size: int, batch: int, lr: float, patch_size: int) -> None:
+                size: int, batch: int, lr: float, patch_size: int, amp: str = "auto") -> None:
     """The ViT alone on the per-patch targets, before the Q-Former and the LM join.
 
     A from-scratch ViT learns shapes slowly (a nano ViT trained only on per-patch shape labels, batch 16: chance
@@ -398,7 +402,7 @@ def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: ra
     """
     opt = _Steps(list(vision.parameters()) + list(heads.patch.parameters()), steps, lr, 0.05, "stage0 ViT")
     vision.train()
-    autocast = _autocast()
+    autocast = _autocast(amp)
     for step in opt:
         items = pairs(rng, batch, size // patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
@@ -469,14 +473,15 @@ def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state
     return tinygptv.save(model, out)
 
 
-def _autocast():
-    """The training loop's ``run.amp: auto`` on the CPU: bf16 matmuls where the CPU has fast bf16 (AMX makes them
-    ~3x faster than fp32), fp32 elsewhere (on AVX2 they are emulated and ~7x slower); fp32 master weights either
-    way. Decide once per training function and re-enter the returned context every step."""
+def _autocast(amp: str = "auto"):
+    """The training loop's ``run.amp`` on the CPU (``auto``: bf16 matmuls where the CPU has fast bf16 — AMX makes
+    them ~3x faster than fp32 — fp32 elsewhere, where they are emulated and ~7x slower; ``none``: fp32; ``bf16``);
+    fp32 master weights either way. Decide once per training function and re-enter the returned context every
+    step."""
     from tinygptv.train.loop import amp_autocast, resolve_amp
 
     cpu = torch.device("cpu")
-    return amp_autocast(resolve_amp("auto", cpu), cpu)
+    return amp_autocast(resolve_amp(amp, cpu), cpu)
 
 
 @torch.no_grad()
