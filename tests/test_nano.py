@@ -209,3 +209,22 @@ def test_keyed_last_moves_the_key_to_the_end():
 
     assert keyed_last("what color is the cross?") == "what color is the cross"
     assert keyed_last("what shape is the red object?") == "what shape is the object that is red"
+
+
+def test_ablation_stage_stats_average_the_tail_and_count_events(tmp_path):
+    import json
+
+    from tinygptv.nano.ablate import TAIL, markdown, stage_stats
+
+    rows = [{"step": 10 * i, "loss": float(i), "grad_norm": 1.0} for i in range(1, 21)]
+    rows[3]["grad_norm"] = 1e-9  # a vanished gradient
+    rows[4]["loss"] = None  # a non-finite step logs no loss
+    rows[-1]["nonfinite_total"] = 1
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    st = stage_stats(tmp_path)
+    finite = [float(i) for i in range(1, 21) if i != 5]
+    tail = finite[-max(1, len(finite) // TAIL):]
+    assert st["final_loss"] == pytest.approx(sum(tail) / len(tail)) and st["final_loss"] != finite[-1]
+    assert st["vanished_steps"] == 1 and st["nonfinite"] == 1 and st["logged_steps"] == 20
+    text = markdown({"full": {"stage1": st}}, "cmd")
+    assert f"| full | {st['final_loss']:.3f} NaN×1 vanish×1 |" in text
