@@ -50,8 +50,8 @@ def write_report(path: Path, recipe: dict[str, Any], runs: dict[str, dict[str, A
              "## Time per step of the recipe (seconds)", "", "| " + " | ".join(times) + " | total |",
              "|" + "---|" * (len(times) + 1),
              "| " + " | ".join(f"{v:.0f}" for v in times.values()) + f" | {sum(times.values()):.0f} |", "",
-             "## Final training loss per stage (the last logged step: one batch; curves in each stage's "
-             "loss_curve.png)", "", "| " + " | ".join(losses) + " |", "|" + "---|" * len(losses),
+             ("## Final training loss per stage (the last logged step: one batch; curves in each stage's "
+              "loss_curve.png)"), "", "| " + " | ".join(losses) + " |", "|" + "---|" * len(losses),
              "| " + " | ".join("—" if v is None else f"{v:.3f}" for v in losses.values()) + " |", "",
              "## Held-out synthetic sets (standard metrics)", "",
              "| metric | target | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
