@@ -50,9 +50,9 @@ from safetensors.torch import load_file
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import IGNORE_INDEX
 from tinygptv.nano import stage0
-from tinygptv.nano.recipe import nano_config
+from tinygptv.nano.recipe import nano_config, object_words
 from tinygptv.synth.text import QA, caption, detail, keyed_last, questions
-from tinygptv.synth.world import COLOURS, SHAPES, Scene, region, sample_scene
+from tinygptv.synth.world import COLOURS, SHAPES, Scene, sample_scene
 from tinygptv.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,20 +87,14 @@ def object_tokens(scene: Scene, embed: torch.nn.Embedding, tok: Tokenizer, rng: 
     """``[SLOTS, C]`` input vectors of the ``slots`` configuration (module docstring)."""
     table = embed.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
-
-    def word(w: str) -> torch.Tensor:
-        return table[tok.encode(" " + w)].mean(0)
-
-    things = [[o.size, o.colour, o.shape, *region(scene, o.box).split()] for o in scene.objects]
-    things += [[scene.word.text, "word"]] if scene.word is not None else []
+    vectors = stage0.object_vectors(object_words(scene), table, tok)
     noise = torch.randn(SLOTS, table.shape[1], generator=g) * rms
     out = noise * 0.5
     free = rng.sample(range(SLOTS), SLOTS)
-    for words in things:
-        v = torch.stack([word(w) for w in words]).sum(0)
+    for v in vectors:
         for _ in range(rng.choice((1, 1, 2))):
             i = free.pop()
-            out[i] = v * rms / v.pow(2).mean().sqrt() + 0.1 * noise[i]
+            out[i] = v + 0.1 * noise[i]
     return out
 
 
@@ -174,8 +168,7 @@ def train_and_score(config: str, run: Path, tok: Tokenizer, steps: int, every: i
         if slots:
             logits, target = slot_batch(lm, tok, scenes, g, key_last=config == "slots-curriculum" and step <= steps // 3)
         else:
-            picked = starts[torch.randint(0, len(starts), (32,), generator=g)]
-            x = torch.stack([data[s:s + 129] for s in picked.tolist()])
+            x = stage0.sample_windows(data, starts, 32, 128, g)
             target = x[:, 1:].clone()
             if config == "continue-answers":  # an answer is the token after "?"
                 target[x[:, :-1] != question_end] = IGNORE_INDEX

@@ -128,14 +128,20 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     lm.train()
     autocast = _autocast(amp)
     for step in opt:
-        picked = starts[torch.randint(0, len(starts), (batch,), generator=g)]
-        x = torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
+        x = sample_windows(data, starts, batch, seq_len, g)
         with autocast:
             logits = lm(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.update(loss, step, loss=loss)
     log.info("stage0 LM: final loss %.3f", loss.item())
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+
+def sample_windows(data: torch.Tensor, starts: torch.Tensor, n: int, seq_len: int,
+                   g: torch.Generator) -> torch.Tensor:
+    """``[n, seq_len + 1]`` token windows of :func:`line_windows`' ``data`` from randomly picked ``starts``."""
+    picked = starts[torch.randint(0, len(starts), (n,), generator=g)]
+    return torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
 
 
 # (rng, key_last) -> (the words of each object of a fresh scene, questions about it with their answers, a
@@ -204,7 +210,8 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
     lm = PhiLM(plain)
     lm.load_state_dict(lm_state)
-    data, starts = line_windows(tok, lines, 128)
+    seq_len = 128
+    data, starts = line_windows(tok, lines, seq_len)
     opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM objects")
     rng = random.Random(f"objects-{seed}")
     g = torch.Generator().manual_seed(seed)
@@ -219,8 +226,7 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
         examples = [Example(None, [(text + "\n", True)]) if rng.random() < describe else qa_example(qas, rng, chat)
                     for _, qas, text in items]
         b = build_batch(examples, prefixes, tok, lm.embed_tokens, 0, 0, max_txt_len=96)
-        picked = starts[torch.randint(0, len(starts), (text_batch,), generator=g)]
-        x = torch.stack([data[s:s + 129] for s in picked.tolist()])
+        x = sample_windows(data, starts, text_batch, seq_len, g)
         with autocast:
             objects = causal_lm_loss(lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask), b.labels)
             logits = lm(x[:, :-1])

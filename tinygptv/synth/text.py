@@ -206,8 +206,9 @@ def keyed_last(question: str) -> str:
     cross", "what shape is the red object?" → "what shape is the object that is red". Only that one-word form of
     the shape question is reordered; the others just lose the "?" (colour questions already end with their key,
     "what color is the cross on the left"; "what shape is the small red object" keeps its keys before "object").
-    Asked so, the lookup can happen at the last token; as written, answering takes two hops (bring the key to the answer position, then look
-    it up) that gradient descent does not start on its own (``benchmarks/results/lm-binding-curriculum.md``)."""
+    Asked so, the lookup can happen at the last token; as written, answering takes two hops (bring the key to the
+    answer position, then look it up) that gradient descent does not start on its own
+    (``benchmarks/results/lm-binding-curriculum.md``)."""
     colour_of = re.fullmatch(r"what shape is the (\w+) object\?", question)
     return f"what shape is the object that is {colour_of[1]}" if colour_of else question.removesuffix("?")
 
