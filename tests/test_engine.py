@@ -147,3 +147,42 @@ def test_prefix_cache_keeps_one_entry_per_conversation(tiny_model, red_image):
     assert len(engine.prefixes.entries) == 1  # a repeated (or extended) prompt replaces the entry it covers
     engine.generate([engine.chat_request("another question", [red_image])], GenerationConfig(max_new_tokens=2))
     assert len(engine.prefixes.entries) == 2
+
+
+def test_prefix_entry_is_stored_when_the_request_ends(tiny_model, red_image):
+    """The prompt's keys/values are remembered when the request ends (copied layer by layer while the request's
+    cache is dropped), also when a stream is abandoned early; a follow-up reuses them exactly."""
+    from tinygptv.infer.generate import generate_tokens
+
+    engine, plain = Engine(tiny_model), Engine(tiny_model, prefix_cache_mb=0)
+    first = engine.chat_request("what colour is the square?", [red_image])
+    prompt = engine.prompt_embeddings(first)
+    events = generate_tokens(tiny_model.lm, [prompt], GenerationConfig(max_new_tokens=8), -1, pad_id=0,
+                             prefix_cache=engine.prefixes)
+    next(events)
+    assert not engine.prefixes.entries  # still decoding: nothing stored yet
+    events.close()  # the client went away
+    assert len(engine.prefixes.entries) == 1
+    (emb, _, ks, _), = engine.prefixes.entries.values()
+    assert ks[0].shape[2] == prompt[0].shape[0] == emb.shape[0]
+    follow = engine.chat_request("and what shape is it?", [red_image])
+    cfg = GenerationConfig(max_new_tokens=6)
+    assert engine.generate([follow], cfg)[0].token_ids == plain.generate([follow], cfg)[0].token_ids
+    assert engine.prefixes.hits == 1
+
+
+def test_prefix_store_consume_drops_the_request_cache(tiny_model):
+    from tinygptv.infer.generate import PrefixCache
+    from tinygptv.model.phi import KVCache
+
+    cfg = tiny_model.cfg.lm
+    cache = KVCache(1, 12, cfg, torch.float32, "cpu")
+    for i in range(cfg.layers):
+        cache.k[i].normal_()
+        cache.v[i].normal_()
+    expected = [k[:, :, :10].clone() for k in cache.k]
+    prefixes = PrefixCache(min_tokens=1)
+    prefixes.store(torch.randn(10, cfg.hidden), torch.ones(10, dtype=torch.long), cache, consume=True)
+    assert all(k is None for k in cache.k + cache.v)
+    (_, _, ks, _), = prefixes.entries.values()
+    assert all(torch.equal(a, b) for a, b in zip(ks, expected))

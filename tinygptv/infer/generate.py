@@ -150,11 +150,17 @@ class PrefixCache:
         _, _, ks, vs = self.entries[best_key]
         return best, [k[:, :, :best] for k in ks], [v[:, :, :best] for v in vs]
 
-    def store(self, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> None:
-        """Remember the keys/values of the prompt ``embeds [L, C]`` held in ``cache`` (batch 1)."""
+    def store(self, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache, consume: bool = False) -> None:
+        """Remember the keys/values of the prompt ``embeds [L, C]`` held in ``cache`` (batch 1). ``consume``: the
+        request is over, so each layer's buffers are dropped from ``cache`` as soon as they are copied (the copy
+        then never coexists with the whole cache: ~60 MB less peak memory per request at full size, fp32)."""
         L = embeds.shape[0]
-        ks = [k[:, :, :L].clone() for k in cache.k]
-        vs = [v[:, :, :L].clone() for v in cache.v]
+        ks, vs = [], []
+        for i in range(len(cache.k)):
+            ks.append(cache.k[i][:, :, :L].clone())
+            vs.append(cache.v[i][:, :, :L].clone())
+            if consume:
+                cache.k[i] = cache.v[i] = None
         entry = (embeds.detach().clone(), mask.clone(), ks, vs)
         if _entry_bytes(entry) > self.max_bytes:
             return
@@ -187,9 +193,10 @@ def _entry_bytes(entry) -> int:
 
 
 def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
-            prefix_cache: PrefixCache | None = None) -> torch.Tensor:
+            prefix_cache: PrefixCache | None = None, store: bool = True) -> torch.Tensor:
     """Run the prompt ``[B, L, C]`` into ``cache``; last-position logits ``[B, V]``. With a ``prefix_cache``
-    (batch 1 only) the longest cached prefix is copied instead of recomputed, and the prompt is remembered."""
+    (batch 1 only) the longest cached prefix is copied instead of recomputed, and (``store``) the prompt is
+    remembered now; callers that pass ``store=False`` remember it when the request ends."""
     n = 0
     if prefix_cache is not None and embeds.shape[0] == 1:
         n, ks, vs = prefix_cache.lookup(embeds[0], mask[0])
@@ -198,7 +205,7 @@ def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
             cache.v[i][:, :, :n] = v
         cache.length = n
     logits = lm(inputs_embeds=embeds[:, n:], attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
-    if prefix_cache is not None and embeds.shape[0] == 1:
+    if store and prefix_cache is not None and embeds.shape[0] == 1:
         prefix_cache.store(embeds[0], mask[0], cache)
     return logits
 
@@ -236,7 +243,18 @@ def _generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eo
     cache = KVCache(B, L + max_new, lm.cfg, embeds.dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
     stop = StopMatcher(tuple(cfg.stop), decode) if decode is not None else StopMatcher((), None)
-    logits = prefill(lm, embeds, mask, cache, prefix_cache)
+    logits = prefill(lm, embeds, mask, cache, prefix_cache, store=False)
+    try:
+        yield from _decode(lm, logits, mask, cache, cfg, eos_id, gen, stop, max_new)
+    finally:  # decoding never writes below position L, so the prompt's keys/values are intact
+        if prefix_cache is not None and B == 1:
+            prefix_cache.store(embeds[0], mask[0], cache, consume=True)
+
+
+def _decode(lm: PhiLM, logits: torch.Tensor, mask: torch.Tensor, cache: KVCache, cfg: GenerationConfig,
+            eos_id: int, gen: torch.Generator | None, stop: StopMatcher, max_new: int) -> Iterator[StepEvent]:
+    B = logits.shape[0]
+    device = logits.device
     history: list[list[int]] = [[] for _ in range(B)]
     alive = [True] * B
     for step in range(max_new):
