@@ -23,7 +23,7 @@ R = 4
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory, hf):
+def official(tmp_path_factory, hf):  # noqa: F811 (the imported fixture)
     root = tmp_path_factory.mktemp("official")
     torch.manual_seed(0)
     # Phi folder (current split layout) + GPT-2-style tokenizer files
@@ -76,7 +76,7 @@ def _import(official, out, stage="TinyGPT-V_for_Stage4.pth"):
                  "--out", str(out)])
 
 
-def test_import_loads_every_tensor(official, hf, tmp_path, capsys):
+def test_import_loads_every_tensor(official, hf, tmp_path, capsys):  # noqa: F811
     assert _import(official, tmp_path / "ckpt") == 0
     printed = capsys.readouterr().out
     assert "missing" not in printed and "unexpected" not in printed

@@ -177,7 +177,10 @@ def test_dynamic_batching_batches_waiting_requests(engine):
              ("describe", RED, 12)]
     with client(engine, generate, max_batch=8) as c, ThreadPoolExecutor(4) as pool:
         worker = c.app.state.worker
-        post = lambda q, im, n: c.post(URL, json={"messages": image_message(q, im), "max_tokens": n})
+
+        def post(q, im, n):
+            return c.post(URL, json={"messages": image_message(q, im), "max_tokens": n})
+
         futures = [pool.submit(post, *cases[0])]
         wait_for(lambda: sizes == [1])
         futures += [pool.submit(post, *case) for case in cases[1:]]
@@ -211,7 +214,10 @@ def test_per_request_stop_and_max_tokens_inside_a_batch(engine):
 def test_queue_full_gives_429(engine):
     generate, gate, sizes = gated(scripted_generate(engine.tokenizer, "ok"))
     with client(engine, generate, max_batch=1, queue_size=2) as c, ThreadPoolExecutor(3) as pool:
-        post = lambda: c.post(URL, json={"messages": image_message("q")})
+
+        def post():
+            return c.post(URL, json={"messages": image_message("q")})
+
         futures = [pool.submit(post)]
         wait_for(lambda: sizes == [1])
         futures += [pool.submit(post), pool.submit(post)]
