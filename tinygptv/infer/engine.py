@@ -106,10 +106,11 @@ class Engine:
         todo = [k for k, v in found.items() if v is None]
         if todo:
             first = {k: pil[keys.index(k)] for k in todo}
-            if self.model.device.type == "cpu":  # memory freed since the last request (evicted caches) goes first
+            on_cpu = self.model.device.type == "cpu"
+            if on_cpu:  # memory freed since the last request (evicted caches) goes first
                 system.release_memory()
             fresh = self.model.encode_images(self.model.pixel_values(list(first.values())))
-            if fresh.device.type == "cpu":  # hand the vision tower's activations back before the LM runs
+            if on_cpu:  # hand the vision tower's activations back before the LM runs
                 system.release_memory()
             for k, emb in zip(todo, fresh):
                 self.cache.put(k, emb)

@@ -193,10 +193,10 @@ def _entry_bytes(entry) -> int:
 
 
 def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
-            prefix_cache: PrefixCache | None = None, store: bool = True) -> torch.Tensor:
+            prefix_cache: PrefixCache | None = None) -> torch.Tensor:
     """Run the prompt ``[B, L, C]`` into ``cache``; last-position logits ``[B, V]``. With a ``prefix_cache``
-    (batch 1 only) the longest cached prefix is copied instead of recomputed, and (``store``) the prompt is
-    remembered now; callers that pass ``store=False`` remember it when the request ends."""
+    (batch 1 only) the longest cached prefix is copied instead of recomputed; remembering the prompt
+    (:meth:`PrefixCache.store`) is the caller's, when it suits its memory."""
     n = 0
     if prefix_cache is not None and embeds.shape[0] == 1:
         n, ks, vs = prefix_cache.lookup(embeds[0], mask[0])
@@ -205,8 +205,6 @@ def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
             cache.v[i][:, :, :n] = v
         cache.length = n
     logits = lm(inputs_embeds=embeds[:, n:], attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]
-    if store and prefix_cache is not None and embeds.shape[0] == 1:
-        prefix_cache.store(embeds[0], mask[0], cache)
     return logits
 
 
@@ -243,7 +241,7 @@ def _generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eo
     cache = KVCache(B, L + max_new, lm.cfg, embeds.dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
     stop = StopMatcher(tuple(cfg.stop), decode) if decode is not None else StopMatcher((), None)
-    logits = prefill(lm, embeds, mask, cache, prefix_cache, store=False)
+    logits = prefill(lm, embeds, mask, cache, prefix_cache)
     try:
         yield from _decode(lm, logits, mask, cache, cfg, eos_id, gen, stop, max_new)
     finally:  # decoding never writes below position L, so the prompt's keys/values are intact
@@ -293,6 +291,8 @@ def beam_search(lm: PhiLM, prompt: Prompt, cfg: GenerationConfig, eos_id: int, d
     cache = KVCache(1, L + max_new, lm.cfg, prompt.dtype, prompt.device)
     mask = prompt_mask[None]
     logits = prefill(lm, prompt[None], mask, cache, prefix_cache)
+    if prefix_cache is not None:  # now: the beams' reordering below copies the cache anyway
+        prefix_cache.store(prompt, prompt_mask, cache)
     cache.select(torch.zeros(k, dtype=torch.long, device=prompt.device))
     beams: list[tuple[float, list[int]]] = [(0.0, [])]
     done: list[tuple[float, list[int]]] = []

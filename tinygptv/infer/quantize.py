@@ -401,7 +401,6 @@ def prepare_kernels(model: nn.Module) -> None:
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
             release_memory()
-    release_memory()
 
 
 def _replace_linears(module: nn.Module, make, prefix: str) -> None:
