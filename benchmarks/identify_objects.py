@@ -5,11 +5,13 @@ colour, shape and 3 × 3 place words (``tinygptv.nano.stage0.object_vectors``). 
 box given as ``{<x1><y1><x2><y2>}`` on the 0–100 grid, so reading it from those tokens needs the box's numbers
 mapped to a place word. This script trains the recipe's stage-0 LM (text phase, then the object-token phase) with
 ``--variant identify``: 30 % of the object-phase questions replaced by identify questions, as stage 4 asks them, or
-``--variant base``: the recipe as it is. It then asks 240 held-out scenes (1–4 objects) identify and colour
+``--variant identify-numbers``: the same, with each object token also holding the embeddings of its box's four
+number tokens (as they appear in ``{<35>…}``), so that identify becomes a lookup keyed by the question's own
+tokens, or ``--variant base``: the recipe as it is. It then asks 240 held-out scenes (1–4 objects) identify and colour
 questions in the stage-4 template over ideal object tokens, greedy, and scores identify with the evaluator's
 ``refers_to`` and colour by the right word in the answer.
 
-Usage: ``python benchmarks/identify_objects.py --variant identify|base [--run runs/identify-objects]``
+Usage: ``python benchmarks/identify_objects.py --variant identify|identify-numbers|base [--run …]``
 (~12 min for the text LM, reused across variants, then ~15 min per variant on 2 cores).
 Writes ``benchmarks/results/identify-objects.{json,md}`` (one row per variant run so far).
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +56,30 @@ def with_identify(questions):
     return ask
 
 
+NUMBER = "#"  # an object word "#35": the box number token "35" as it appears inside ``{<35>…}`` (no leading space)
+
+
+def object_words_with_box(words_fn):
+    """Wrap ``recipe.object_words`` so that each object's words also hold its box's four numbers."""
+    def words(scene):
+        out = words_fn(scene)
+        for i, o in enumerate(scene.objects):
+            out[i] = out[i] + [NUMBER + n for n in re.findall(r"\d+", box_text(scene, o))]
+        return out
+    return words
+
+
+def object_vectors_with_numbers(table: torch.Tensor, objects: list[list[str]], tok) -> torch.Tensor:
+    """``stage0.object_vectors``, except that a :data:`NUMBER` word is embedded as the bare number token."""
+    rms = table.float().pow(2).mean().sqrt()
+    out = []
+    for words in objects:
+        v = torch.stack([table[tok.encode(w[1:] if w.startswith(NUMBER) else " " + w)].float().mean(0)
+                         for w in words]).sum(0)
+        out.append(v * rms / v.pow(2).mean().sqrt())
+    return torch.stack(out)
+
+
 def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, float]:
     """Identify / colour accuracy (%) by object count, over ideal object tokens, stage-4 template, greedy."""
     table = lm.embed_tokens.weight.detach()
@@ -83,7 +110,7 @@ def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("identify", "base"), required=True)
+    ap.add_argument("--variant", choices=("identify", "base", "identify-numbers"), required=True)
     ap.add_argument("--run", default="runs/identify-objects", help="working folder (world, tokenizer, LM states)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -105,8 +132,11 @@ def main() -> None:
         text_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=recipe.LM_STEPS, seed=0)
         save_file(text_state, str(text_file))
     objects = recipe.scene_objects(0)
-    if args.variant == "identify":
+    if args.variant.startswith("identify"):
         recipe.object_questions = with_identify(recipe.object_questions)  # scene_objects looks it up per call
+    if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
+        recipe.object_words = object_words_with_box(recipe.object_words)
+        stage0.object_vectors = lambda objects, table, tok: object_vectors_with_numbers(table, objects, tok)
     state_file = out / f"lm-objects-{args.variant}.safetensors"
     if state_file.is_file():
         state = load_file(str(state_file))
