@@ -151,3 +151,26 @@ def test_full_preset_builds_in_seconds():
     model = build_empty(tinygptv.preset("tinygptv-phi2"))
     assert time.perf_counter() - t < 5
     assert sum(p.numel() for p in model.parameters()) > 3.8e9
+
+
+def test_attention_runs_bf16_training_in_fp32_on_cpu():
+    """The shared attention: bf16 inputs that will be back-propagated through are attended in fp32 (the CPU
+    kernel's fast and accurate path), autocast notwithstanding; forward-only calls stay bf16 and are unchanged."""
+    import torch.nn.functional as F
+
+    from tinygptv.model.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, attn_mask=mask)
+        in_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    assert not torch.equal(in_bf16, exact)  # the two paths are distinguishable on these inputs
+    assert torch.equal(out, exact)
+    out.float().pow(2).sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    with torch.no_grad():
+        assert torch.equal(attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinygptv.config import LMConfig, LoRAConfig
+from tinygptv.model.attention import attention
 from tinygptv.model.lora import LoRALinear
 
 
@@ -109,7 +110,7 @@ class PhiAttention(nn.Module):
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B,H,S,D], S = past + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B,H,T,D]
+        y = attention(q, k, v, attn_mask=mask)  # [B,H,T,D]
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 

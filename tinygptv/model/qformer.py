@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygptv.config import QFormerConfig
+from tinygptv.model.attention import attention
 
 
 class QFormerAttention(nn.Module):
@@ -55,7 +56,7 @@ class QFormerAttention(nn.Module):
         q = self.query(x).view(b, q_len, self.heads, d).transpose(1, 2)  # [B, heads, Q, d]
         k = self.key(ctx).view(b, n, self.heads, d).transpose(1, 2)  # [B, heads, N, d]
         v = self.value(ctx).view(b, n, self.heads, d).transpose(1, 2)  # [B, heads, N, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, Q, d]
+        out = attention(q, k, v, attn_mask=mask)  # [B, heads, Q, d]
         out = out.transpose(1, 2).reshape(b, q_len, h)  # [B, Q, H]
         return self.norm(x + self.dense(out))
 

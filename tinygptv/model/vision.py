@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygptv.config import VisionConfig
+from tinygptv.model.attention import attention
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class EVAAttention(nn.Module):
         # inputs at 448 px (measured on 6 ViT-g layers, bf16)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each [B, h, N, d]
         del qkv  # the linear's output is not needed past the copy (17 MB fp32 at 448 px)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, d]
+        out = attention(q, k, v)  # [B, h, N, d]
         out = out.transpose(1, 2).reshape(b, n, w)  # [B, N, W]
         return self.proj(out)
 
