@@ -209,6 +209,9 @@ def test_keyed_last_moves_the_key_to_the_end():
 
     assert keyed_last("what color is the cross?") == "what color is the cross"
     assert keyed_last("what shape is the red object?") == "what shape is the object that is red"
+    assert keyed_last("how many crosses are there?") == "count the crosses"
+    assert keyed_last("how many red objects are there?") == "count the objects that are red"
+    assert keyed_last("how many objects are there?") == "count the objects"
 
 
 def test_ablation_stage_stats_average_the_tail_and_count_events(tmp_path):

@@ -34,6 +34,7 @@ LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the 
 OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
 # how often each kind of question is asked about object tokens (binding questions need the most steps)
 OBJECT_QUESTIONS = {"colour": 3, "shape": 3, "count": 2, "size": 1, "exist": 1, "spatial": 1, "text": 1}
+KEY_LAST = ("colour", "shape")  # question kinds reworded to end with their key early in the object-token phase
 
 
 def nano_config(vocab_size: int) -> ModelConfig:
@@ -165,8 +166,8 @@ def object_words(scene) -> list[list[str]]:
 
 
 def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[tuple[str, str]]:
-    """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: colour / shape
-    questions reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
+    """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: questions of the
+    :data:`KEY_LAST` kinds reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
     from tinygptv.synth.text import keyed_last, questions
 
     pool = questions(scene, rng)
@@ -174,7 +175,7 @@ def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[
     out = []
     for _ in range(k):
         qa = rng.choice(pool[rng.choices(kinds, [OBJECT_QUESTIONS[c] for c in kinds])[0]])
-        out.append((keyed_last(qa.question) if key_last and qa.category in ("colour", "shape") else qa.question,
+        out.append((keyed_last(qa.question) if key_last and qa.category in KEY_LAST else qa.question,
                     qa.answer))
     return out
 

@@ -206,11 +206,17 @@ def keyed_last(question: str) -> str:
     cross", "what shape is the red object?" → "what shape is the object that is red". Only that one-word form of
     the shape question is reordered; the others just lose the "?" (colour questions already end with their key,
     "what color is the cross on the left"; "what shape is the small red object" keeps its keys before "object").
+    Count questions become "count the crosses", "count the objects that are red", "count the objects".
     Asked so, the lookup can happen at the last token; as written, answering takes two hops (bring the key to the
     answer position, then look it up) that gradient descent does not start on its own
     (``benchmarks/results/lm-binding-curriculum.md``)."""
     colour_of = re.fullmatch(r"what shape is the (\w+) object\?", question)
-    return f"what shape is the object that is {colour_of[1]}" if colour_of else question.removesuffix("?")
+    if colour_of:
+        return f"what shape is the object that is {colour_of[1]}"
+    count = re.fullmatch(r"how many (\w+ )?(\w+) are there\?", question)
+    if count:  # "how many red objects are there?" → "count the objects that are red"
+        return f"count the {count[2]} that are {count[1].strip()}" if count[1] else f"count the {count[2]}"
+    return question.removesuffix("?")
 
 
 def document(scene: Scene, rng: random.Random, k: int = 4) -> str:

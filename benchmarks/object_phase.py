@@ -1,4 +1,4 @@
-"""Can the stage-0 LM learn *identify* (box → object) from ideal object tokens?
+"""What the stage-0 LM's object-token phase teaches, by variant: identify (box → object), colour, count.
 
 The nano model's image tokens are trained to match *object tokens*: per object the sum of the embeddings of its size,
 colour, shape and 3 × 3 place words (``tinygptv.nano.stage0.object_vectors``). Identify asks for the object at a
@@ -11,9 +11,13 @@ tokens, or ``--variant base``: the recipe as it is. It then asks 240 held-out sc
 questions in the stage-4 template over ideal object tokens, greedy, and scores identify with the evaluator's
 ``refers_to`` and colour by the right word in the answer.
 
-Usage: ``python benchmarks/identify_objects.py --variant identify|identify-numbers|base [--run …]``
+``--variant count-key-last`` asks count questions with their key last for the first 40 % of the steps, as the
+recipe does for colour and shape ("count the crosses", "count the objects that are red"). Count questions (120,
+30 per object count) are scored by the first number in the answer.
+
+Usage: ``python benchmarks/object_phase.py --variant base|identify|identify-numbers|count-key-last [--run …]``
 (~12 min for the text LM, reused across variants, then ~15 min per variant on 2 cores).
-Writes ``benchmarks/results/identify-objects.{json,md}`` (one row per variant run so far).
+Writes ``benchmarks/results/object-phase.{json,md}`` (one row per variant run so far).
 """
 
 from __future__ import annotations
@@ -80,12 +84,27 @@ def object_vectors_with_numbers(table: torch.Tensor, objects: list[list[str]], t
     return torch.stack(out)
 
 
-def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, float]:
-    """Identify / colour accuracy (%) by object count, over ideal object tokens, stage-4 template, greedy."""
+def answer(lm: PhiLM, tok, cfg, scene, question: str, rng: random.Random, g: torch.Generator) -> str:
+    """The stage-0 LM's greedy answer to ``question`` (stage-4 template) over the scene's ideal object tokens."""
     table = lm.embed_tokens.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
+    slots = stage0.object_slots(stage0.object_vectors(recipe.object_words(scene), table, tok),
+                                cfg.qformer.num_queries, rms, rng, g)
+    b = build_batch([Example(get_template("stage4").user_turn(question, True), [])], [slots[None]], tok,
+                    lm.embed_tokens, 0, 0)
+    ids = [ev.token for ev in generate_tokens(lm, [(b.inputs_embeds[0], b.attention_mask[0])],
+                                              GenerationConfig(max_new_tokens=12), 0) if ev.token is not None]
+    return tok.decode(ids).split("###")[0].split("[")[0]
+
+
+def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, float]:
+    """Identify / colour / count accuracy (%) by object count, over ideal object tokens, stage-4 template, greedy:
+    ``n`` identify and colour questions, then ``n // 2`` count questions (drawn from the training pool: all
+    objects, a shape, a colour; present or not) from their own random stream, so that adding them left the first
+    two columns of earlier rows as they were."""
+    from tinygptv.synth.text import questions
+
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
-    template = get_template("stage4")
     hits: dict[str, list[bool]] = {}
     for i in range(n):
         objects = 1 + i % 4
@@ -96,21 +115,23 @@ def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, floa
             q = f"[identify] what object is in this location {box_text(scene, scene.objects[j])}"
         else:
             q = f"[vqa] what color is the {shortest_ref(scene, j).text().removeprefix('the ')}?"
-        slots = stage0.object_slots(stage0.object_vectors(recipe.object_words(scene), table, tok),
-                                    cfg.qformer.num_queries, rms, rng, g)
-        b = build_batch([Example(template.user_turn(q, True), [])], [slots[None]], tok, lm.embed_tokens, 0, 0)
-        ids = [ev.token for ev in generate_tokens(lm, [(b.inputs_embeds[0], b.attention_mask[0])],
-                                                  GenerationConfig(max_new_tokens=12), 0) if ev.token is not None]
-        text = tok.decode(ids).split("###")[0].split("[")[0]
+        text = answer(lm, tok, cfg, scene, q, rng, g)
         ok = (refers_to(text, scene.objects) is scene.objects[j] if kind == "identify"
               else scene.objects[j].colour in text)
         hits.setdefault(f"{kind}{objects}", []).append(ok)
+    rng, g = random.Random(seed + 1), torch.Generator().manual_seed(seed + 1)
+    for i in range(n // 2):
+        objects = 1 + i % 4
+        scene = sample_scene(rng, f"count-{i}", image_size=128, n_objects=objects)
+        qa = rng.choice(questions(scene, rng)["count"])
+        got = re.findall(r"\d+", answer(lm, tok, cfg, scene, f"[vqa] {qa.question}", rng, g))
+        hits.setdefault(f"count{objects}", []).append(got[:1] == [qa.answer])
     return {key: round(100 * sum(v) / len(v), 1) for key, v in sorted(hits.items())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("identify", "base", "identify-numbers"), required=True)
+    ap.add_argument("--variant", choices=("base", "identify", "identify-numbers", "count-key-last"), required=True)
     ap.add_argument("--run", default="runs/identify-objects", help="working folder (world, tokenizer, LM states)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -134,6 +155,8 @@ def main() -> None:
     objects = recipe.scene_objects(0)
     if args.variant.startswith("identify"):
         recipe.object_questions = with_identify(recipe.object_questions)  # scene_objects looks it up per call
+    if args.variant == "count-key-last":  # count questions asked with their key last early on, as colour / shape
+        recipe.KEY_LAST = ("colour", "shape", "count")
     if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
         recipe.object_words = object_words_with_box(recipe.object_words)
         stage0.object_vectors = lambda objects, table, tok: object_vectors_with_numbers(table, objects, tok)
@@ -147,19 +170,23 @@ def main() -> None:
     lm.load_state_dict(state)
     result = {"variant": args.variant, **score(lm.eval(), tok, cfg)}
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "identify-objects.json"
+    path = RESULTS / "object-phase.json"
     rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["variant"] != args.variant]
     rows.append(result)
     path.write_text(json.dumps(rows, indent=2))
-    lines_md = ["# Identify from ideal object tokens (stage-0 LM)", "",
-                "Produced by `python benchmarks/identify_objects.py --variant …` (see its docstring). Accuracy % by "
-                "object count, 30 questions per cell; a guess among the objects present scores 100 / 50 / 33 / 25 %.",
-                "", "| variant | identify 1 / 2 / 3 / 4 | colour 1 / 2 / 3 / 4 |", "|---|---|---|"]
+    lines_md = ["# Questions over ideal object tokens after the stage-0 LM's object phase", "",
+                "Produced by `python benchmarks/object_phase.py --variant …` (see its docstring). Accuracy % by "
+                "object count, 30 questions per cell; a guess among the objects present scores 100 / 50 / 33 / 25 % "
+                "for identify and colour. Rows without count were measured before the script asked count questions.",
+                "", "| variant | identify 1 / 2 / 3 / 4 | colour 1 / 2 / 3 / 4 | count 1 / 2 / 3 / 4 |",
+                "|---|---|---|---|"]
+
+    def cells(r: dict, kind: str) -> str:
+        return " / ".join(f"{r[f'{kind}{k}']:.0f}" if f"{kind}{k}" in r else "–" for k in range(1, 5))
+
     for r in rows:
-        ident = " / ".join(f"{r.get(f'identify{k}', float('nan')):.0f}" for k in range(1, 5))
-        col = " / ".join(f"{r.get(f'colour{k}', float('nan')):.0f}" for k in range(1, 5))
-        lines_md.append(f"| {r['variant']} | {ident} | {col} |")
-    (RESULTS / "identify-objects.md").write_text("\n".join(lines_md) + "\n")
+        lines_md.append(f"| {r['variant']} | {cells(r, 'identify')} | {cells(r, 'colour')} | {cells(r, 'count')} |")
+    (RESULTS / "object-phase.md").write_text("\n".join(lines_md) + "\n")
     print("\n".join(lines_md))
 
 
