@@ -28,6 +28,7 @@ import logging
 import random
 import re
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,15 +74,9 @@ def object_words_with_box(words_fn):
     return words
 
 
-def object_vectors_with_numbers(table: torch.Tensor, objects: list[list[str]], tok) -> torch.Tensor:
-    """``stage0.object_vectors``, except that a :data:`NUMBER` word is embedded as the bare number token."""
-    rms = table.float().pow(2).mean().sqrt()
-    out = []
-    for words in objects:
-        v = torch.stack([table[tok.encode(w[1:] if w.startswith(NUMBER) else " " + w)].float().mean(0)
-                         for w in words]).sum(0)
-        out.append(v * rms / v.pow(2).mean().sqrt())
-    return torch.stack(out)
+def number_or_word(word: str) -> str:
+    """What an object word is tokenized as: a :data:`NUMBER` word the bare number, others as words."""
+    return word[1:] if word.startswith(NUMBER) else stage0.as_word(word)
 
 
 def answer(lm: PhiLM, tok, cfg, scene, question: str, rng: random.Random, g: torch.Generator) -> str:
@@ -159,7 +154,7 @@ def main() -> None:
         recipe.KEY_LAST = ("colour", "shape", "count")
     if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
         recipe.object_words = object_words_with_box(recipe.object_words)
-        stage0.object_vectors = lambda objects, table, tok: object_vectors_with_numbers(table, objects, tok)
+        stage0.object_vectors = partial(stage0.object_vectors, text_of=number_or_word)
     state_file = out / f"lm-objects-{args.variant}.safetensors"
     if state_file.is_file():
         state = load_file(str(state_file))

@@ -151,13 +151,20 @@ ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[tuple[str
 OBJECT_SLOTS_EMPTY = 0.1  # RMS of an empty slot relative to a token embedding (the tower learns to output ~0 there)
 
 
-def object_vectors(objects: list[list[str]], table: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
+def as_word(word: str) -> str:
+    """A word as it is tokenized inside a sentence (after a space)."""
+    return " " + word
+
+
+def object_vectors(objects: list[list[str]], table: torch.Tensor, tok: Tokenizer,
+                   text_of: Callable[[str], str] = as_word) -> torch.Tensor:
     """``[n, C]``: per object the sum of the token embeddings of its words (a word of several tokens: their mean),
-    scaled to the RMS of ``table`` — the image tokens an ideal vision tower would hand to the LM."""
+    scaled to the RMS of ``table`` — the image tokens an ideal vision tower would hand to the LM. ``text_of`` gives
+    the text each word is tokenized as."""
     rms = table.float().pow(2).mean().sqrt()
     out = []
     for words in objects:
-        v = torch.stack([table[tok.encode(" " + w)].float().mean(0) for w in words]).sum(0)
+        v = torch.stack([table[tok.encode(text_of(w))].float().mean(0) for w in words]).sum(0)
         out.append(v * rms / v.pow(2).mean().sqrt())
     return torch.stack(out)
 
