@@ -210,3 +210,70 @@ def test_amp_auto_uses_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch):
     assert RunConfig(amp="auto").amp == "auto"
     with pytest.raises(ConfigError, match="run.amp"):
         RunConfig(amp="fp8")
+
+
+# ------------------------------------------------------------------------------------------ tower cache
+def test_tensor_lru_bounds_by_entries_and_bytes():
+    from tinygptv.lru import TensorLRU
+
+    lru = TensorLRU(max_bytes=3 * 16)  # three 4-float tensors
+    for i in range(4):
+        lru.put(i, torch.full((4,), float(i)))
+    assert list(lru.items) == [1, 2, 3] and lru.nbytes == 48
+    assert lru.get(1) is not None and lru.get(0) is None and (lru.hits, lru.misses) == (1, 1)
+    lru.put(4, torch.zeros(4))  # 1 was used last, so 2 goes
+    assert list(lru.items) == [3, 1, 4]
+    lru.put(5, torch.zeros(100))  # larger than the whole bound: not stored, nothing evicted
+    assert list(lru.items) == [3, 1, 4]
+    lru.put(3, torch.zeros(2))  # replacing a key updates the byte count
+    assert lru.nbytes == 40
+    by_count = TensorLRU(max_entries=2)
+    for i in range(3):
+        by_count.put(i, torch.zeros(1))
+    assert list(by_count.items) == [1, 2]
+    assert len(TensorLRU(max_entries=0)) == 0
+
+
+def test_tower_cache_matches_the_towers_and_steps_aside_when_they_change(tiny_model):
+    from tinygptv.train.tower_cache import TowerCache
+
+    model = tiny_model.eval().requires_grad_(False)
+    S = model.image_size
+    pixels = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.image_queries(pixels)
+    sizes = []
+    towers = model.image_queries
+    model.image_queries = lambda p: sizes.append(p.shape[0]) or towers(p)
+    model.tower_cache = TowerCache([model.vision, model.qformer], 2**20)
+    with torch.no_grad():
+        first = model.tower_cache(pixels[[0, 1, 0]], model.image_queries)  # one image twice: computed once
+        second = model.tower_cache(pixels[[1, 2]], model.image_queries)  # only the new one goes through
+    assert sizes == [2, 1] and len(model.tower_cache.lru) == 3
+    torch.testing.assert_close(first, want[[0, 1, 0]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(second, want[[1, 2]], rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast changes the towers' output: its own entry
+        model.tower_cache(pixels[:1], model.image_queries)
+    assert sizes[-1] == 1 and len(model.tower_cache.lru) == 4
+    with torch.no_grad():
+        enc = model.encode_images(pixels[:2])  # the model's own path uses the cache
+        assert sizes[-1] == 1 and torch.allclose(enc, model.projector(want[:2]), atol=1e-5)
+    model.qformer.train()  # dropout on: nothing may come from (or go into) the cache
+    model.tower_cache(pixels[:2], model.image_queries)
+    assert sizes[-1] == 2 and len(model.tower_cache.lru) == 4
+    model.qformer.eval()
+    model.vision.vit.patch_embed.proj.weight.requires_grad_(True)  # a trainable tower: the same
+    model.tower_cache(pixels[:2], model.image_queries)
+    assert sizes[-1] == 2 and len(model.tower_cache.lru) == 4
+
+
+def test_training_with_the_tower_cache_equals_training_without(custom_data, tmp_path):
+    cfg = stage("stage2", custom_data, steps=6)  # 8 images, 2 a step: from step 5 every image is cached
+    cached = tinygptv.load(train(cfg, custom_data, tmp_path / "a")).state_dict()
+    plain = tinygptv.load(train(stage("stage2", custom_data, steps=6, **{"run.tower_cache_mb": 0}),
+                                custom_data, tmp_path / "b")).state_dict()
+    for k, v in plain.items():
+        torch.testing.assert_close(cached[k], v, rtol=0, atol=1e-6, msg=k)
+    metrics = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["tower_cache_hit_rate"] > 0
+    assert "tower_cache_hit_rate" not in json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])

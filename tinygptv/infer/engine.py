@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -24,6 +23,7 @@ from PIL import Image
 from tinygptv import system
 from tinygptv.image import ImageInput, load_image
 from tinygptv.infer.generate import GenerationConfig, PrefixCache, beam_search, generate_tokens
+from tinygptv.lru import TensorLRU
 from tinygptv.model.sequence import Example, build_batch
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.templates import IMAGE_PROMPT, ChatTemplate
@@ -48,31 +48,6 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class ImageCache:
-    """LRU of ``content hash → [Q, C]`` image embeddings."""
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self.items:
-            self.items.move_to_end(key)
-            self.hits += 1
-            return self.items[key]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
-
-
 def image_key(image: Image.Image, size: int) -> str:
     h = hashlib.sha256()
     h.update(f"{image.size}{image.mode}{size}".encode())
@@ -87,7 +62,7 @@ class Engine:
             raise ValueError("the model has no tokenizer")
         self.model = model.eval()
         self.tokenizer = model.tokenizer
-        self.cache = ImageCache(image_cache_size)
+        self.cache = TensorLRU(max_entries=image_cache_size)
         self.prefixes = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
 
     @property
@@ -225,5 +200,5 @@ def safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     return n
 
 
-__all__ = ["Engine", "Request", "Result", "GenerationConfig", "ImageCache", "IMAGE_PROMPT", "cut_at_stop",
+__all__ = ["Engine", "Request", "Result", "GenerationConfig", "IMAGE_PROMPT", "cut_at_stop",
            "safe_prefix_len"]

@@ -8,7 +8,9 @@ The constructor is pure (no I/O); weights, tokenizer and template are attached b
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -43,6 +45,8 @@ class TinyGPTV(nn.Module):
         self.tokenizer: Tokenizer | None = None
         self.template: ChatTemplate = get_template("stage4")
         self.add_bos = True  # training prepends BOS; set False to reproduce upstream inference (§9.6)
+        # optional memo of the frozen towers' outputs (training sets one: tinygptv.train.tower_cache)
+        self.tower_cache: Callable[[torch.Tensor, Callable], torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- images
     @property
@@ -63,10 +67,17 @@ class TinyGPTV(nn.Module):
         vis_dtype = self.vision.vit.patch_embed.proj.weight.dtype
         return torch.stack([preprocess(im, self.image_size) for im in images]).to(self.device, vis_dtype)
 
+    def image_queries(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` → ``[N, Q, H]`` Q-Former outputs (the towers the paper keeps frozen)."""
+        feats = self.vision(pixels)  # [N, 1+g², W]
+        return self.qformer(feats)  # [N, Q, H]
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` → ``[N, Q, C_lm]`` image embeddings for the LM."""
-        feats = self.vision(pixels)  # [N, 1+g², W]
-        queries = self.qformer(feats)  # [N, Q, H]
+        if self.tower_cache is not None:
+            queries = self.tower_cache(pixels, self.image_queries)
+        else:
+            queries = self.image_queries(pixels)
         return self.projector(queries.to(self.projector.dtype)).to(self.dtype)  # [N, Q, C]
 
     # ----------------------------------------------------------------------------------- training

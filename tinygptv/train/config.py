@@ -71,6 +71,7 @@ class RunConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda
+    tower_cache_mb: int = 1024  # frozen ViT + Q-Former outputs kept per image, on the CPU (0 = off)
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16", "auto"):

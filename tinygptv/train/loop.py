@@ -30,6 +30,7 @@ from tinygptv.config import PRESETS, ConfigError, preset
 from tinygptv.templates import get_template
 from tinygptv.train.config import StageConfig
 from tinygptv.train.schedule import lr_at
+from tinygptv.train.tower_cache import TowerCache
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,8 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
     model.train()
     model.vision.eval()  # frozen towers stay in eval mode (no dropout), as upstream's disabled_train
     model.qformer.eval()
+    if cfg.run.tower_cache_mb > 0:
+        model.tower_cache = TowerCache([model.vision, model.qformer], cfg.run.tower_cache_mb * 2**20)
     autocast = amp_autocast(cfg.run.amp, device)
     tokens = samples = 0
     t_last = time.perf_counter()
@@ -240,7 +243,8 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens * world / (now - t_last),
                          "samples_per_s": samples * world / (now - t_last), "nonfinite_total": nonfinite_total,
                          "skipped_records": sum(c["bad_records"] for c in counters.values()),
-                         "skipped_images": sum(c["bad_images"] for c in counters.values())})
+                         "skipped_images": sum(c["bad_images"] for c in counters.values()),
+                         **(model.tower_cache.stats() if model.tower_cache is not None else {})})
             progress.set_postfix(loss=f"{loss_sum / cfg.run.accum_grad_iters:.3f}", lr=f"{lr:.2e}")
             tokens = samples = 0
             t_last = now
@@ -248,6 +252,7 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
             _checkpoint(model, optimizer, scaler, loader, out, step, nonfinite_total, base_for_deltas, resized,
                         cfg, rank, world)
     progress.close()
+    model.tower_cache = None
     metrics.close(cfg.stage)
     final = out / "final"
     if rank == 0:
