@@ -204,18 +204,22 @@ def scene_pairs(seed: int, size: int):
     counter = iter(range(10**9))
     colours, shapes, sizes, words = list(COLOURS), list(SHAPES), list(SIZES), list(WORDS)
 
-    def pairs(rng: random.Random, n: int, grid: int):
+    def pairs(rng: random.Random, n: int, grid: int, text: bool = True):
+        """``n`` scenes; ``text=False`` leaves out the descriptions, object words and questions (the ViT warm-up
+        uses only the images and the per-patch targets; writing those was about half of this function's time)."""
         out = []
         for _ in range(n):
             scene = sample_scene(rng, f"s0-{seed}-{next(counter)}", image_size=size)
-            text = grounded_caption(scene, rng) if rng.random() < 0.5 else detail(scene)
             objects = [(o.box, colours.index(o.colour) + 1, shapes.index(o.shape) + 1, sizes.index(o.size) + 1)
                        for o in scene.objects]
             word = scene.word
             targets = stage0.dense_targets(objects, word.box if word else None,
                                            words.index(word.text) + 1 if word else 0, scene.size, grid)
-            targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False))
-            out.append((render(scene), text, targets))
+            description = ""
+            if text:
+                description = grounded_caption(scene, rng) if rng.random() < 0.5 else detail(scene)
+                targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False))
+            out.append((render(scene), description, targets))
         return out
 
     pairs.classes = {"colour": len(colours) + 1, "shape": len(shapes) + 1, "size": len(sizes) + 1,

@@ -60,7 +60,7 @@ from tinygptv.weights.phi import PHI_ABSENT_OK
 log = logging.getLogger(__name__)
 
 # (rng, n) -> [(image, text, dense targets)]; targets: see :func:`dense_targets`
-PairFn = Callable[[random.Random, int], list[tuple[Image.Image, str, dict]]]
+PairFn = Callable[..., list[tuple[Image.Image, str, dict]]]  # (rng, n, grid, text=True)
 
 
 def train_tokenizer(lines: list[str], vocab_size: int, out: Path) -> Tokenizer:
@@ -417,7 +417,7 @@ def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: ra
     vision.train()
     autocast = _autocast(amp)
     for step in opt:
-        items = pairs(rng, batch, size // patch_size)
+        items = pairs(rng, batch, size // patch_size, text=False)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
         with autocast:
             feats = vision(px, interpolate_pos=True)
