@@ -167,7 +167,16 @@ def test_dry_run_and_bad_root(custom_data, tmp_path, capsys):
     cfg.to_yaml(tmp_path / "s.yaml")
     assert main(["train", "--config", str(tmp_path / "s.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "AdamW state" in out and "fits" in out
+    assert "AdamW state" in out and "fits" in out and "frozen-tower cache" in out
+    from tinygptv.train.memory import estimate
+
+    model = tinygptv.load("tiny")
+    model.set_trainable(**vars(cfg.trainable))
+    with_cache = estimate(model.cfg, model, cfg, torch.device("cpu"))
+    without = estimate(model.cfg, model, cfg.with_overrides({"run.tower_cache_mb": 0}), torch.device("cpu"))
+    assert abs(with_cache.total - without.total - 1.1 * 2**30) <= 1  # the default 1024 MB bound, +10 %
+    on_gpu = estimate(model.cfg, model, cfg, torch.device("cuda"))  # host memory: shown, not in the GPU's total
+    assert on_gpu.tower_cache and "not in the total" in on_gpu.table()
     bad = stage("stage3", tmp_path / "missing")
     with pytest.raises(Exception, match="missing"):
         train(bad, tmp_path / "missing", tmp_path / "o2")

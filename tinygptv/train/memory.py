@@ -6,7 +6,9 @@
   per layer ``s·b·h·(34 + 5·a·s/h)`` bytes at 16-bit (Korthikanti et al., 2022), doubled in fp32; with gradient
   checkpointing only each layer's input ``2·s·b·h`` plus one layer's full set; plus fp32 logits and their
   gradient ``2·4·s·b·V``;
-- the frozen ViT + Q-Former run without a graph: one layer's transient activations, small next to the rest.
+- the frozen ViT + Q-Former run without a graph: one layer's transient activations, small next to the rest;
+- the frozen towers' output cache (``run.tower_cache_mb``, host memory, at its bound): counted in the total on
+  the CPU, shown apart on a GPU.
 
 It is an estimate (allocator overhead and framework buffers come on top; 10 % is added).
 """
@@ -30,16 +32,22 @@ class MemoryEstimate:
     activations: int
     seq_len: int
     batch: int
+    tower_cache: int = 0  # host memory
+    cache_in_total: bool = False  # True when the device is the CPU
 
     @property
     def total(self) -> int:
-        return int(1.1 * (self.weights + self.gradients + self.optimizer + self.activations))
+        cache = self.tower_cache if self.cache_in_total else 0
+        return int(1.1 * (self.weights + self.gradients + self.optimizer + self.activations + cache))
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients (fp32, trainable)", self.gradients),
                 ("AdamW state (fp32, trainable)", self.optimizer),
-                (f"activations (batch {self.batch}, seq {self.seq_len})", self.activations),
-                ("total (+10 %)", self.total)]
+                (f"activations (batch {self.batch}, seq {self.seq_len})", self.activations)]
+        if self.tower_cache:
+            where = "" if self.cache_in_total else ", host RAM, not in the total"
+            rows.append((f"frozen-tower cache (at most{where})", self.tower_cache))
+        rows.append(("total (+10 %)", self.total))
         return "\n".join(f"  {name:<40} {v / 2**30:8.2f} GiB" for name, v in rows)
 
 
@@ -63,7 +71,9 @@ def estimate(model_cfg: ModelConfig, model, cfg: StageConfig, device: torch.devi
     else:
         acts = lm.layers * per_layer
     acts += 2 * 4 * s * b * lm.vocab_size
-    return MemoryEstimate(weights, 4 * trainable, 8 * trainable, int(acts), seq, batch)
+    frozen = not (cfg.trainable.vision or cfg.trainable.qformer)
+    cache = cfg.run.tower_cache_mb * 2**20 if frozen else 0
+    return MemoryEstimate(weights, 4 * trainable, 8 * trainable, int(acts), seq, batch, cache, device.type == "cpu")
 
 
 def available_bytes(device: torch.device) -> int | None:
