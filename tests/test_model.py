@@ -174,3 +174,10 @@ def test_attention_runs_bf16_training_in_fp32_on_cpu():
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
     with torch.no_grad():
         assert torch.equal(attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    # the decoder under autocast: RoPE leaves q and k in fp32, v is bf16; still attended in fp32, not by the bf16 kernel
+    q32, k32 = (t.detach().float().requires_grad_() for t in (q, k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = attention(q32, k32, v, attn_mask=mask)
+        by_autocast = F.scaled_dot_product_attention(q32, k32, v, attn_mask=mask)
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, exact)
+    assert not torch.equal(by_autocast.bfloat16(), exact)

@@ -20,12 +20,15 @@ _LOW = (torch.bfloat16, torch.float16)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q kᵀ / √d + mask) v`` for ``q [B, h, Lq, d]``, ``k, v [B, h, Lk, d]``; ``attn_mask`` bool
-    (True = attend) or additive, broadcastable to ``[B, h, Lq, Lk]``. Returns ``[B, h, Lq, d]`` in ``q``'s dtype."""
-    if (q.device.type == "cpu" and q.dtype in _LOW and torch.is_grad_enabled()
+    (True = attend) or additive, broadcastable to ``[B, h, Lq, Lk]``. Returns ``[B, h, Lq, d]`` in ``v``'s dtype."""
+    # under autocast the decoder's q and k arrive in fp32 (RoPE multiplies them by fp32 tables) and v in bf16, and
+    # autocast would run the bf16 kernel: so the autocast state decides, not q's dtype
+    low = q.dtype in _LOW or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW)
+    if (q.device.type == "cpu" and low and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)):
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.float()
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
-        return out.to(q.dtype)
+        return out.to(v.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
