@@ -59,8 +59,8 @@ from tinygptv.weights.phi import PHI_ABSENT_OK
 
 log = logging.getLogger(__name__)
 
-# (rng, n) -> [(image, text, dense targets)]; targets: see :func:`dense_targets`
-PairFn = Callable[..., list[tuple[Image.Image, str, dict]]]  # (rng, n, grid, text=True)
+# (rng, n, grid, text=True) -> [(image, text, dense targets)]; targets: see :func:`dense_targets`
+PairFn = Callable[..., list[tuple[Image.Image, str, dict]]]
 
 
 def train_tokenizer(lines: list[str], vocab_size: int, out: Path) -> Tokenizer:

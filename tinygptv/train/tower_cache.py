@@ -26,7 +26,7 @@ def pixel_key(pixels: torch.Tensor) -> tuple:
     """A key for one image's ``[3, S, S]`` pixels: content hash, shape, dtype and the autocast state (which changes
     the towers' output)."""
     data = pixels.detach().cpu().contiguous()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy(), digest_size=16).hexdigest()  # no copy of the bytes
     device = pixels.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     return digest, tuple(data.shape), str(data.dtype), str(autocast)
