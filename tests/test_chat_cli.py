@@ -67,6 +67,12 @@ def test_cli_ask_json(capsys, tmp_path):
     assert out["completion_tokens"] <= 4
 
 
+def test_cli_ask_fast_decode(capsys):
+    assert main(["ask", "--model", "tiny", "--max-new-tokens", "4", "--json", "--fast-decode", "what is it?"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["answer"], str) and out["completion_tokens"] <= 4
+
+
 def test_cli_ask_bad_image(capsys):
     assert main(["ask", "--model", "tiny", "--image", "does-not-exist.png", "q"]) == 2
     assert "image not found" in capsys.readouterr().err

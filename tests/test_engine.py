@@ -186,3 +186,14 @@ def test_prefix_store_consume_drops_the_request_cache(tiny_model):
     assert all(k is None for k in cache.k + cache.v)
     (_, _, ks, _), = prefixes.entries.values()
     assert all(torch.equal(a, b) for a, b in zip(ks, expected))
+
+
+def test_fast_decode_engine(tiny_model, red_image, blue_image):
+    """Batched/single and streamed/generated stay identical with fast decoding (its closeness to the default
+    engine's logits: tests/test_model.py::test_fused_decode_cache_matches_full_forward)."""
+    fast = Engine(tiny_model, fast_decode=True)
+    cfg = GenerationConfig(max_new_tokens=6)
+    reqs = [fast.chat_request("colour?", [red_image]), fast.chat_request("what is this shape?", [blue_image])]
+    batched = [r.token_ids for r in fast.generate(reqs, cfg)]
+    assert batched == [fast.generate([r], cfg)[0].token_ids for r in reqs]
+    assert "".join(fast.stream(reqs[0], cfg)) == fast.generate([reqs[0]], cfg)[0].text

@@ -181,3 +181,61 @@ def test_attention_runs_bf16_training_in_fp32_on_cpu():
         by_autocast = F.scaled_dot_product_attention(q32, k32, v, attn_mask=mask)
     assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, exact)
     assert not torch.equal(by_autocast.bfloat16(), exact)
+
+
+def _decode_case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 4, 1, 16, generator=g)
+    k, v = torch.randn(3, 4, 9, 16, generator=g), torch.randn(3, 4, 9, 16, generator=g)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # left padding
+    return q, k, v, mask
+
+
+def test_decode_attention_matches_sdpa():
+    from tinygptv.model.attention import decode_attention
+
+    q, k, v, mask = _decode_case()
+    for m in (mask, None):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert (decode_attention(q, k, v, m) - ref).abs().max() < 1e-5
+    kb, vb = k.bfloat16(), v.bfloat16()  # stored in bf16, attended in fp32
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kb.float(), vb.float(), attn_mask=mask)
+    out = decode_attention(q, kb, vb, mask)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 1e-5
+
+
+def test_decode_attention_falls_back_when_compiling_fails(monkeypatch, caplog):
+    from tinygptv.model import attention
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(attention, "_compiled_decode", broken)
+    q, k, v, mask = _decode_case(1)
+    out = attention.decode_attention(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out - ref).abs().max() < 1e-5
+    assert attention._compiled_decode is False and "no C++ compiler" in caplog.text
+
+
+def test_fused_decode_cache_matches_full_forward(tiny_model):
+    """bf16 keys/values + the compiled one-token kernel: logits within bf16 rounding of the uncached forward."""
+    from tinygptv.infer.generate import new_cache
+
+    lm = tiny_model.lm
+    ids = torch.randint(1, 300, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = lm(ids, attention_mask=mask)
+        cache = new_cache(lm, 2, 12, torch.float32, torch.device("cpu"), fast_decode=True)
+        assert cache.fused_decode and cache.k[0].dtype == torch.bfloat16
+        parts = [lm(ids[:, :7], attention_mask=mask[:, :7], cache=cache)]
+        for t in range(7, 12):
+            parts.append(lm(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
+    stepped = torch.cat(parts, dim=1)
+    scale = full.abs().max()
+    assert (full[0] - stepped[0]).abs().max() < 0.02 * scale
+    assert (full[1, 3:] - stepped[1, 3:]).abs().max() < 0.02 * scale
+    assert (full[0] - stepped[0]).abs().max() > 0  # really ran through the bf16 cache

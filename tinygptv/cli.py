@@ -37,6 +37,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fast-decode", action="store_true",
+                   help="CPU: bf16 keys/values read by a compiled decode-attention kernel (the first answer compiles "
+                        "it, seconds; faster decoding at batch > 1 and long contexts)")
 
 
 def _gen_config(args):
@@ -89,7 +92,7 @@ def cmd_ask(args) -> int:
     from tinygptv.infer.grounding import draw_boxes, parse_boxes
 
     model = _load_model(args)
-    engine = Engine(model)
+    engine = Engine(model, fast_decode=args.fast_decode)
     image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
     request = engine.chat_request(args.question, [image] if image is not None else [])
     result = engine.generate([request], _gen_config(args))[0]
@@ -115,7 +118,7 @@ def cmd_chat(args) -> int:
     from tinygptv.infer.chat import Conversation
     from tinygptv.infer.engine import Engine
 
-    conv = Conversation(Engine(_load_model(args)))
+    conv = Conversation(Engine(_load_model(args), fast_decode=args.fast_decode))
     cfg = _gen_config(args)
     if args.image:
         conv.add_image(args.image)

@@ -24,6 +24,7 @@ from tinygptv import system
 from tinygptv.image import ImageInput, load_image
 from tinygptv.infer.generate import GenerationConfig, PrefixCache, beam_search, generate_tokens
 from tinygptv.lru import TensorLRU
+from tinygptv.model.attention import warm_up_decode_attention
 from tinygptv.model.sequence import Example, build_batch
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.templates import IMAGE_PROMPT, ChatTemplate
@@ -56,14 +57,23 @@ def image_key(image: Image.Image, size: int) -> str:
 
 
 class Engine:
-    def __init__(self, model: TinyGPTV, image_cache_size: int = 64, prefix_cache_mb: int = 512):
-        """``image_cache_size`` images and ``prefix_cache_mb`` MiB of prompt keys/values are kept (0 = off)."""
+    def __init__(self, model: TinyGPTV, image_cache_size: int = 64, prefix_cache_mb: int = 512,
+                 fast_decode: bool = False):
+        """``image_cache_size`` images and ``prefix_cache_mb`` MiB of prompt keys/values are kept (0 = off).
+        ``fast_decode`` (CPU): bf16 keys/values read by a compiled decode-attention kernel
+        (:func:`tinygptv.infer.generate.new_cache`); pays off for long-running processes, batches and long contexts."""
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer")
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self.cache = TensorLRU(max_entries=image_cache_size)
         self.prefixes = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+        self.fast_decode = fast_decode
+        if fast_decode and model.device.type == "cpu":
+            lm = model.lm
+            log.info("fast decoding: compiling the decode-attention kernel (once per process) …")
+            secs = warm_up_decode_attention(lm.cfg.heads, lm.cfg.head_dim, lm.final_layernorm.weight.dtype)
+            log.info("fast decoding: ready in %.1f s", secs)
 
     @property
     def template(self) -> ChatTemplate:
@@ -125,14 +135,15 @@ class Engine:
             out = []
             for p in prompts:
                 ids = beam_search(self.model.lm, p, _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
-                                  self.tokenizer.decode, prefix_cache=self.prefixes)
+                                  self.tokenizer.decode, prefix_cache=self.prefixes, fast_decode=self.fast_decode)
                 out.append(Result(self._finish(ids, stops), ids, "stop", p[0].shape[0]))
             return out
         ids: list[list[int]] = [[] for _ in requests]
         reasons = ["length"] * len(requests)
         first_token_at = None
         for ev in generate_tokens(self.model.lm, prompts, _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
-                                  self.tokenizer.decode, prefix_cache=self.prefixes):
+                                  self.tokenizer.decode, prefix_cache=self.prefixes,
+                                  fast_decode=self.fast_decode):
             if first_token_at is None:
                 first_token_at = time.perf_counter() - t0
             if ev.token is not None:
@@ -157,7 +168,8 @@ class Engine:
         ids: list[int] = []
         sent = 0
         for ev in generate_tokens(self.model.lm, [prompt], _with_stops(cfg, stops), self.model.cfg.lm.eos_token_id,
-                                  self.tokenizer.decode, prefix_cache=self.prefixes):
+                                  self.tokenizer.decode, prefix_cache=self.prefixes,
+                                  fast_decode=self.fast_decode):
             if ev.token is not None:
                 ids.append(ev.token)
             text, stopped = cut_at_stop(self.tokenizer.decode(ids), stops)

@@ -192,6 +192,16 @@ def _entry_bytes(entry) -> int:
     return sum(t.numel() * t.element_size() for t in ks + vs) + emb.numel() * emb.element_size()
 
 
+def new_cache(lm: PhiLM, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
+              fast_decode: bool = False) -> KVCache:
+    """The key/value cache of one request. ``fast_decode`` on the CPU: keys/values stored in bf16 and one-token
+    steps attended by the compiled kernel (:func:`tinygptv.model.attention.decode_attention`), which then reads
+    half the bytes; logits move by bf16 rounding of the keys/values, so greedy answers can differ on near ties.
+    Off by default (the first request compiles for seconds); ignored on other devices."""
+    fused = fast_decode and torch.device(device).type == "cpu"
+    return KVCache(batch, max_len, lm.cfg, torch.bfloat16 if fused else dtype, device, fused_decode=fused)
+
+
 def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
             prefix_cache: PrefixCache | None = None) -> torch.Tensor:
     """Run the prompt ``[B, L, C]`` into ``cache``; last-position logits ``[B, V]``. With a ``prefix_cache``
@@ -210,17 +220,17 @@ def prefill(lm: PhiLM, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache,
 
 def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int,
                     decode=None, pad_id: int | None = None,
-                    prefix_cache: PrefixCache | None = None) -> Iterator[StepEvent]:
+                    prefix_cache: PrefixCache | None = None, fast_decode: bool = False) -> Iterator[StepEvent]:
     """Yield :class:`StepEvent` s for a batch of prompts ``([L_i, C], mask [L_i])`` (sampling or greedy).
 
     ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding
     of ``pad_id`` (default ``eos_id``), masked out anyway. ``prefix_cache``: see :class:`PrefixCache`
-    (used for single prompts). On the CPU, the heap memory the request freed (its keys/values, activations) is
+    (used for single prompts). ``fast_decode`` (CPU): see :func:`new_cache`. On the CPU, the heap memory the request freed (its keys/values, activations) is
     handed back to the OS when it ends: otherwise glibc keeps it and every request's peak stacks on the last
     one's leftovers (measured on the full-size int8 model: one user's peak RSS 4.66 → 4.47 GB).
     """
     try:
-        yield from _generate_tokens(lm, prompts, cfg, eos_id, decode, pad_id, prefix_cache)
+        yield from _generate_tokens(lm, prompts, cfg, eos_id, decode, pad_id, prefix_cache, fast_decode)
     finally:
         if prompts and prompts[0][0].device.type == "cpu":
             system.release_memory()
@@ -228,7 +238,8 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
 
 @torch.no_grad()
 def _generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos_id: int, decode,
-                     pad_id: int | None, prefix_cache: PrefixCache | None) -> Iterator[StepEvent]:
+                     pad_id: int | None, prefix_cache: PrefixCache | None,
+                     fast_decode: bool) -> Iterator[StepEvent]:
     if cfg.num_beams > 1:
         raise ValueError("use beam_search() for num_beams > 1")
     device = prompts[0][0].device
@@ -238,7 +249,7 @@ def _generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eo
     max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)
     if max_new < 1:
         raise ValueError(f"prompt of {L} tokens leaves no room in {lm.cfg.max_position_embeddings} positions")
-    cache = KVCache(B, L + max_new, lm.cfg, embeds.dtype, device)
+    cache = new_cache(lm, B, L + max_new, embeds.dtype, device, fast_decode)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
     stop = StopMatcher(tuple(cfg.stop), decode) if decode is not None else StopMatcher((), None)
     logits = prefill(lm, embeds, mask, cache, prefix_cache)
@@ -282,13 +293,13 @@ def _decode(lm: PhiLM, logits: torch.Tensor, mask: torch.Tensor, cache: KVCache,
 
 @torch.no_grad()
 def beam_search(lm: PhiLM, prompt: Prompt, cfg: GenerationConfig, eos_id: int, decode=None,
-                prefix_cache: PrefixCache | None = None) -> list[int]:
+                prefix_cache: PrefixCache | None = None, fast_decode: bool = False) -> list[int]:
     """Beam search for one prompt ``([L, C], [L])``; returns the best hypothesis' token ids (EOS excluded)."""
     prompt, prompt_mask = prompt
     k = cfg.num_beams
     L = prompt.shape[0]
     max_new = min(cfg.max_new_tokens, lm.cfg.max_position_embeddings - L)
-    cache = KVCache(1, L + max_new, lm.cfg, prompt.dtype, prompt.device)
+    cache = new_cache(lm, 1, L + max_new, prompt.dtype, prompt.device, fast_decode)
     mask = prompt_mask[None]
     logits = prefill(lm, prompt[None], mask, cache, prefix_cache)
     if prefix_cache is not None:  # now: the beams' reordering below copies the cache anyway

@@ -12,10 +12,14 @@ of the two. Forward-only calls (inference) are about as fast either way and are 
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import torch.nn.functional as F
 
 _LOW = (torch.bfloat16, torch.float16)
+log = logging.getLogger(__name__)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -31,3 +35,52 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
         return out.to(v.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row as reductions (no matmul), in fp32: compiled, these become single passes over k and v."""
+    scores = (k.float() * q.float()).sum(-1)[:, :, None] * q.shape[-1] ** -0.5  # [B,h,1,S]
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask.float()
+    p = scores.softmax(-1)
+    return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True)  # [B,h,1,d]
+
+
+_compiled_decode = None  # None: not tried yet; False: compiling failed, the eager form is used
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per row (``q [B, h, 1, d]``, ``k, v [B, h, S, d]`` in any float dtype) in fp32,
+    through a kernel compiled by ``torch.compile`` that streams k and v once.
+
+    Why: at decode time attention reads the whole key/value cache for one query, and the CPU SDPA kernel does that
+    as one small matrix product per (row, head) at ~10 GB/s (full-size model, batch 8, 128 positions, 2-core
+    AVX-512 EPYC: 68 ms a step for 32 layers, while a plain read of the same bytes takes 22 ms). Compiled, these
+    reductions take 46 ms over fp32 keys/values and 33 ms over bf16 ones. The first call compiles (seconds; needs a
+    C++ compiler); if that fails, a warning is logged once and the SDPA kernel is used on fp32 copies.
+    """
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(_decode_attention_math, dynamic=True)
+    if _compiled_decode is not False:
+        try:
+            return _compiled_decode(q, k, v, attn_mask)
+        except Exception as e:  # noqa: BLE001 - any backend failure (no compiler, unsupported op) falls back
+            log.warning("compiled decode attention unavailable (%s: %s); using PyTorch's kernel",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _compiled_decode = False
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+
+
+def warm_up_decode_attention(heads: int, head_dim: int, dtype: torch.dtype) -> float:
+    """Compile :func:`decode_attention` now for ``heads × head_dim`` queries of ``dtype`` over bf16 keys/values
+    (the batch-1 graph and the one for larger batches) rather than inside the first answers; returns seconds."""
+    t = time.perf_counter()
+    for batch in (1, 2):
+        q = torch.zeros(batch, heads, 1, head_dim, dtype=dtype)
+        kv = torch.zeros(batch, heads, 3, head_dim, dtype=torch.bfloat16)
+        decode_attention(q, kv, kv, torch.ones(batch, 1, 1, 3, dtype=torch.bool))
+    return time.perf_counter() - t

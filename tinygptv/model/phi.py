@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinygptv.config import LMConfig, LoRAConfig
-from tinygptv.model.attention import attention
+from tinygptv.model.attention import attention, decode_attention
 from tinygptv.model.lora import LoRALinear
 
 
@@ -47,10 +47,15 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated per-layer key/value buffers ``[B, H, max_len, D]`` written by position."""
+    """Preallocated per-layer key/value buffers ``[B, H, max_len, D]`` written by position.
 
-    def __init__(self, batch: int, max_len: int, cfg: LMConfig, dtype: torch.dtype, device: torch.device | str):
+    ``fused_decode``: one-token steps attend with :func:`decode_attention` (a compiled kernel that reads the
+    keys/values once); the buffers may then be stored in a lower precision than the model's (``dtype``)."""
+
+    def __init__(self, batch: int, max_len: int, cfg: LMConfig, dtype: torch.dtype, device: torch.device | str,
+                 fused_decode: bool = False):
         shape = (batch, cfg.heads, max_len, cfg.head_dim)
+        self.fused_decode = fused_decode
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.length = 0  # number of positions already stored
@@ -110,6 +115,10 @@ class PhiAttention(nn.Module):
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B,H,S,D], S = past + T
+            if cache.fused_decode and T == 1:
+                y = decode_attention(q, k, v, mask).to(h.dtype)
+                return self.dense(y.transpose(1, 2).reshape(B, T, C))
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the cache stores another precision
         y = attention(q, k, v, attn_mask=mask)  # [B,H,T,D]
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 

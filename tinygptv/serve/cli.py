@@ -16,13 +16,19 @@ INSTALL_HINT = "the server needs FastAPI and uvicorn: pip install 'tinygptv[serv
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` sub-command to ``subparsers`` (sets ``func=cmd_serve``)."""
+    from tinygptv.cli import default_model
+
     p = subparsers.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
-    p.add_argument("--model", default="small",
-                   help="checkpoint folder, config.yaml, or preset name (random weights): tiny, small, tinygptv-phi2")
+    p.add_argument("--model", default=default_model(),
+                   help="checkpoint folder, 'nano' (bundled, the default), config.yaml, or a preset name with random "
+                        "weights: tiny, small, tinygptv-phi2")
     p.add_argument("--tokenizer", help="tokenizer folder overriding the checkpoint's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default=None,
                    help="weight quantization chosen at load time (default: as stored)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="CPU: bf16 keys/values read by a compiled decode-attention kernel (the first answer compiles "
+                        "it, seconds; faster decoding at batch > 1 and long contexts)")
     p.add_argument("--served-model-name", help="model id reported by the API (default: the --model name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -79,7 +85,7 @@ def build_app(args):
 
     model = tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer, quantize=args.quantize)
     settings = settings_from_args(args, Path(str(args.model)).name)
-    return create_app(Engine(model), settings)
+    return create_app(Engine(model, fast_decode=args.fast_decode), settings)
 
 
 def cmd_serve(args) -> int:
