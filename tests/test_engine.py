@@ -197,3 +197,5 @@ def test_fast_decode_engine(tiny_model, red_image, blue_image):
     batched = [r.token_ids for r in fast.generate(reqs, cfg)]
     assert batched == [fast.generate([r], cfg)[0].token_ids for r in reqs]
     assert "".join(fast.stream(reqs[0], cfg)) == fast.generate([reqs[0]], cfg)[0].text
+    beams = fast.generate([reqs[1]], GenerationConfig(max_new_tokens=4, num_beams=2))[0]  # reorders a bf16 cache
+    assert len(beams.token_ids) <= 4 and isinstance(beams.text, str)
