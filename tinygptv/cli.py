@@ -11,6 +11,8 @@ from pathlib import Path
 log = logging.getLogger("tinygptv")
 
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+FAST_DECODE_HELP = ("CPU: bf16 keys/values read by a compiled decode-attention kernel (compiled when the model loads, "
+                    "seconds; faster decoding at batch > 1 and long contexts, slightly slower at batch 1)")
 
 
 def default_model() -> str:
@@ -37,9 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--fast-decode", action="store_true",
-                   help="CPU: bf16 keys/values read by a compiled decode-attention kernel (the first answer compiles "
-                        "it, seconds; faster decoding at batch > 1 and long contexts)")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
 
 
 def _gen_config(args):

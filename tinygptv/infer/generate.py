@@ -197,7 +197,7 @@ def new_cache(lm: PhiLM, batch: int, max_len: int, dtype: torch.dtype, device: t
     """The key/value cache of one request. ``fast_decode`` on the CPU: keys/values stored in bf16 and one-token
     steps attended by the compiled kernel (:func:`tinygptv.model.attention.decode_attention`), which then reads
     half the bytes; logits move by bf16 rounding of the keys/values, so greedy answers can differ on near ties.
-    Off by default (the first request compiles for seconds); ignored on other devices."""
+    Off by default (compiling takes seconds, once per process); ignored on other devices."""
     fused = fast_decode and torch.device(device).type == "cpu"
     return KVCache(batch, max_len, lm.cfg, torch.bfloat16 if fused else dtype, device, fused_decode=fused)
 
@@ -225,9 +225,9 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
 
     ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding
     of ``pad_id`` (default ``eos_id``), masked out anyway. ``prefix_cache``: see :class:`PrefixCache`
-    (used for single prompts). ``fast_decode`` (CPU): see :func:`new_cache`. On the CPU, the heap memory the request freed (its keys/values, activations) is
-    handed back to the OS when it ends: otherwise glibc keeps it and every request's peak stacks on the last
-    one's leftovers (measured on the full-size int8 model: one user's peak RSS 4.66 → 4.47 GB).
+    (used for single prompts). ``fast_decode`` (CPU): see :func:`new_cache`. On the CPU, the heap memory the
+    request freed (its keys/values, activations) is handed back to the OS when it ends: otherwise glibc keeps it
+    and every request's peak stacks on the last one's leftovers (measured on the full-size int8 model: one user's peak RSS 4.66 → 4.47 GB).
     """
     try:
         yield from _generate_tokens(lm, prompts, cfg, eos_id, decode, pad_id, prefix_cache, fast_decode)

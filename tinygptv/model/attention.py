@@ -48,7 +48,7 @@ def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True)  # [B,h,1,d]
 
 
-_compiled_decode = None  # None: not tried yet; False: compiling failed, the eager form is used
+_compiled_decode = None  # None: not compiled yet; False: compiling failed, SDPA on fp32 copies is used
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -16,7 +16,7 @@ INSTALL_HINT = "the server needs FastAPI and uvicorn: pip install 'tinygptv[serv
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` sub-command to ``subparsers`` (sets ``func=cmd_serve``)."""
-    from tinygptv.cli import default_model
+    from tinygptv.cli import FAST_DECODE_HELP, default_model
 
     p = subparsers.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     p.add_argument("--model", default=default_model(),
@@ -26,9 +26,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default=None,
                    help="weight quantization chosen at load time (default: as stored)")
-    p.add_argument("--fast-decode", action="store_true",
-                   help="CPU: bf16 keys/values read by a compiled decode-attention kernel (the first answer compiles "
-                        "it, seconds; faster decoding at batch > 1 and long contexts)")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     p.add_argument("--served-model-name", help="model id reported by the API (default: the --model name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
