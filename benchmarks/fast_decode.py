@@ -43,7 +43,7 @@ def main() -> None:
     from tinygptv.model.attention import warm_up_decode_attention
 
     cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    cold = bool(cache_dir) and not any(Path(cache_dir).iterdir()) if cache_dir and Path(cache_dir).is_dir() else None
+    cold = None if not cache_dir else not (Path(cache_dir).is_dir() and any(Path(cache_dir).iterdir()))
     torch.manual_seed(0)
     cfg = inference.model_config(args.small)
     engine = inference.build_ours(cfg, args.quantize)

@@ -8,18 +8,23 @@ from tinygptv.model.sequence import single_turn
 from tinygptv.weights.common import WeightImportError
 
 
-def test_kv_cache_matches_full_forward(tiny_model):
-    lm = tiny_model.lm
+def full_and_stepped(lm, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of 2 rows × 12 tokens (row 1 left-padded by 3) in one uncached forward, and through ``cache``:
+    a 7-token prefill then one token at a time."""
     ids = torch.randint(1, 300, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0  # left padding
     with torch.no_grad():
         full = lm(ids, attention_mask=mask)
-        cache = KVCache(2, 12, lm.cfg, torch.float32, "cpu")
         parts = [lm(ids[:, :7], attention_mask=mask[:, :7], cache=cache)]
         for t in range(7, 12):
             parts.append(lm(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
-    stepped = torch.cat(parts, dim=1)
+    return full, torch.cat(parts, dim=1)
+
+
+def test_kv_cache_matches_full_forward(tiny_model):
+    lm = tiny_model.lm
+    full, stepped = full_and_stepped(lm, KVCache(2, 12, lm.cfg, torch.float32, "cpu"))
     assert torch.equal(full[0], stepped[0]) or (full[0] - stepped[0]).abs().max() < 1e-5
     assert (full[1, 3:] - stepped[1, 3:]).abs().max() < 1e-5
 
@@ -224,17 +229,9 @@ def test_fused_decode_cache_matches_full_forward(tiny_model):
     from tinygptv.infer.generate import new_cache
 
     lm = tiny_model.lm
-    ids = torch.randint(1, 300, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        full = lm(ids, attention_mask=mask)
-        cache = new_cache(lm, 2, 12, torch.float32, torch.device("cpu"), fast_decode=True)
-        assert cache.fused_decode and cache.k[0].dtype == torch.bfloat16
-        parts = [lm(ids[:, :7], attention_mask=mask[:, :7], cache=cache)]
-        for t in range(7, 12):
-            parts.append(lm(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
-    stepped = torch.cat(parts, dim=1)
+    cache = new_cache(lm, 2, 12, torch.float32, torch.device("cpu"), fast_decode=True)
+    assert cache.fused_decode and cache.k[0].dtype == torch.bfloat16
+    full, stepped = full_and_stepped(lm, cache)
     scale = full.abs().max()
     assert (full[0] - stepped[0]).abs().max() < 0.02 * scale
     assert (full[1, 3:] - stepped[1, 3:]).abs().max() < 0.02 * scale

@@ -113,13 +113,14 @@ class PhiAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H,T,D]
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        if cache is not None:
+        if cache is None:
+            y = attention(q, k, v, attn_mask=mask)  # [B,H,T,D]
+        else:
             k, v = cache.update(layer, k, v)  # [B,H,S,D], S = past + T
             if cache.fused_decode and T == 1:
                 y = decode_attention(q, k, v, mask).to(h.dtype)
-                return self.dense(y.transpose(1, 2).reshape(B, T, C))
-            k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the cache stores another precision
-        y = attention(q, k, v, attn_mask=mask)  # [B,H,T,D]
+            else:  # no copy unless the cache stores another precision
+                y = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
