@@ -231,3 +231,49 @@ def test_ablation_stage_stats_average_the_tail_and_count_events(tmp_path):
     assert st["vanished_steps"] == 1 and st["nonfinite"] == 1 and st["logged_steps"] == 20
     text = markdown({"full": {"stage1": st}}, "cmd")
     assert f"| full | {st['final_loss']:.3f} NaN×1 vanish×1 |" in text
+
+
+def test_corner_slots_and_number_codes():
+    """Each boxed object gets four corner slots whose code tells its coordinate apart from others (nearest code =
+    right coordinate), and the number tokens get the code of their value, so a number's embedding lies closest to
+    the code of its own value; grounding questions about a scene are well formed."""
+    import random
+    from dataclasses import replace
+
+    from tinygptv.model.phi import PhiLM
+    from tinygptv.nano.recipe import grounding_questions, nano_config, object_boxes, object_questions, object_words
+    from tinygptv.nano.stage0 import CornerCode, object_tokens
+    from tinygptv.synth.world import sample_scene
+    from tinygptv.tokenizer import Tokenizer
+
+    if not (BUNDLED["nano"] / "tokenizer.json").is_file():
+        pytest.skip("bundled tokenizer not built")
+    tok = Tokenizer.from_folder(BUNDLED["nano"])
+    code = CornerCode(64)
+    grid = torch.stack([code(t / 100) for t in range(101)])  # [101, 64]
+    assert torch.allclose(grid.pow(2).mean(-1), torch.ones(101), atol=1e-5)
+    picked = (grid @ torch.stack([code(t / 100) for t in (3, 37, 62, 98)]).T).argmax(0)
+    assert picked.tolist() == [3, 37, 62, 98]
+
+    scene = sample_scene(random.Random(5), "corners", n_objects=3, word=True)
+    table = torch.randn(tok.vocab_size, 64)
+    boxes = object_boxes(scene)
+    assert all(0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 for x1, y1, x2, y2 in boxes)
+    tokens = object_tokens(object_words(scene), boxes, table, tok, code)
+    assert tokens.shape == (3 + 1 + 4 * 3, 64)  # objects, the word, corner slots
+    rms = table.pow(2).mean().sqrt()
+    assert torch.allclose(tokens.pow(2).mean(-1).sqrt(), rms.expand(len(tokens)), rtol=1e-4)
+
+    lm = PhiLM(replace(nano_config(tok.vocab_size).lm, hidden=64, heads=4))
+    before = lm.embed_tokens.weight.detach().clone()
+    code.code_numbers_(lm, tok)
+    ids = [tok.encode(str(n))[0] for n in range(0, 98, 7)]
+    changed = (lm.embed_tokens.weight - before)[ids]  # what was added: the code of each number's value
+    assert ((changed @ grid.T).argmax(-1) == torch.tensor(list(range(0, 98, 7)))).all()
+
+    rng = random.Random(0)
+    for q, a in grounding_questions(scene, rng):
+        assert q.startswith(("[refer] give me the location of ", "[identify] what object is in this location {<"))
+        assert a.startswith("{<") if q.startswith("[refer]") else a.startswith("the ")
+    asked = [object_questions(scene, rng, 3, False) for _ in range(20)]
+    assert all(len(qs) == 3 and 1 <= sum(q.startswith("[") for q, _ in qs) <= 2 for qs in asked)
