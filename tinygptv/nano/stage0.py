@@ -5,9 +5,8 @@
 2. **Language model**: a plain Phi decoder (no QK-norm, no post-attention RMSNorm, no LoRA — like the public
    Phi-2) pretrained as a causal LM on the world's text and on scene documents (a description, then questions it
    answers), so that, like Phi-2, it can answer from what precedes a question; then on *object tokens* — one
-   input vector per object, the sum of the embeddings of its words (size, colour, shape, place), plus four slots
-   holding its box's corner coordinates (:func:`object_tokens`), in 32 slots like the Q-Former's queries —
-   followed by questions about them, grounding ones included, or a description (:func:`pretrain_lm_objects`).
+   input vector per object, the sum of the embeddings of its words (size, colour, shape, place), in 16 slots like
+   the Q-Former's queries — followed by questions about them or a description (:func:`pretrain_lm_objects`).
    Phi-2 arrives able to look things up in its context; a nano LM trained on text alone does not learn to: it
    answers colour / shape questions about several objects at the level of a guess among the attributes present,
    also from ideal object tokens, unless the questions first end with their key (``benchmarks/lm_binding.py``).
@@ -145,11 +144,10 @@ def sample_windows(data: torch.Tensor, starts: torch.Tensor, n: int, seq_len: in
     return torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
 
 
-# (rng, key_last) -> (the words of each object of a fresh scene and of its rendered word, each object's box as
-# corners (x1, y1, x2, y2) in 0-1, questions about it with their answers, a description of it); with ``key_last``
-# the colour / shape questions end with their key (``tinygptv.synth.text.keyed_last``)
-Corners = tuple[float, float, float, float]
-ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[Corners], list[tuple[str, str]], str]]
+# (rng, key_last) -> (the words of each object of a fresh scene, questions about it with their answers, a
+# description of it); with ``key_last`` the colour / shape questions end with their key
+# (``tinygptv.synth.text.keyed_last``)
+ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[tuple[str, str]], str]]
 OBJECT_SLOTS_EMPTY = 0.1  # RMS of an empty slot relative to a token embedding (the tower learns to output ~0 there)
 
 
@@ -169,59 +167,6 @@ def object_vectors(objects: list[list[str]], table: torch.Tensor, tok: Tokenizer
         v = torch.stack([table[tok.encode(text_of(w))].float().mean(0) for w in words]).sum(0)
         out.append(v * rms / v.pow(2).mean().sqrt())
     return torch.stack(out)
-
-
-CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
-CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height
-
-
-class CornerCode:
-    """A box coordinate (0–1) as a unit-RMS ``[C]`` vector: its sine and cosine at :data:`CORNER_FREQUENCIES`
-    through a fixed random orthonormal map (drawn from ``seed``) into the LM's embedding space.
-
-    Object tokens give every object four *corner slots*, one per coordinate of its box, and the number tokens
-    0–100 carry the code of their value (:meth:`code_numbers_`), so that answering ``[refer]`` with
-    ``{<x1><y1><x2><y2>}`` is, per number, a lookup of the object's corner slot and a copy. Measured on ideal object
-    tokens (``benchmarks/lm_grounding.py``, a recipe run's object-phase LM continued with grounding questions):
-    refer Acc@0.5 0.5 % → 67 % after 800 steps (one object: 97 %); the box as one code added to the object's single
-    token reached 11 % after 600 steps.
-    """
-
-    def __init__(self, hidden: int, seed: int = 1234):
-        g = torch.Generator().manual_seed(seed)
-        self.freqs = torch.tensor(CORNER_FREQUENCIES)
-        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(CORNER_FREQUENCIES), generator=g))[0]
-
-    def __call__(self, t: float) -> torch.Tensor:
-        angle = 2 * math.pi * t * self.freqs
-        v = self.map @ torch.cat([angle.sin(), angle.cos()])
-        return v / v.pow(2).mean().sqrt()
-
-    @torch.no_grad()
-    def code_numbers_(self, lm: PhiLM, tok: Tokenizer) -> None:
-        """Add to the input and output embedding rows of every single-token number 0–100 the code of its value
-        (value / 100), at the row's own RMS."""
-        for n in range(101):
-            ids = tok.encode(str(n))
-            if len(ids) == 1:
-                for table in (lm.embed_tokens.weight, lm.lm_head.weight):
-                    table[ids[0]] += self(n / 100).to(table.dtype) * table[ids[0]].float().pow(2).mean().sqrt()
-
-
-def object_tokens(objects: list[list[str]], boxes: list[Corners], table: torch.Tensor, tok: Tokenizer,
-                  code: CornerCode) -> torch.Tensor:
-    """``[n + 4·len(boxes), C]``: :func:`object_vectors` of ``objects`` (the first ``len(boxes)`` are the boxed
-    objects), then per box four corner slots — 0.7 × the object's vector + the embedding of "left" / "top" /
-    "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
-    vectors = object_vectors(objects, table, tok)
-    rms = table.float().pow(2).mean().sqrt()
-    corners = [table[tok.encode(w)].float().mean(0) for w in CORNER_WORDS]
-    out = [vectors]
-    for v, box in zip(vectors, boxes):
-        for word, t in zip(corners, box):
-            slot = 0.7 * v / rms + word / word.pow(2).mean().sqrt() + code(t)
-            out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
-    return torch.cat(out)
 
 
 def object_slots(vectors: torch.Tensor, n_slots: int, rms: torch.Tensor, rng: random.Random,
@@ -245,8 +190,7 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 
     if rng.random() < chat:
         template = get_template(rng.choice(("stage3", "stage4", "eval")))
-        asked = [q if template.name != "stage4" or q.startswith("[") or rng.random() < 0.5 else f"[vqa] {q}"
-                 for q, _ in qas]
+        asked = [q if template.name != "stage4" or rng.random() < 0.5 else f"[vqa] {q}" for q, _ in qas]
         asked[0] = template.instruction(asked[0], True)
         return multi_turn(template, asked, [a for _, a in qas])
     targets = []
@@ -267,16 +211,12 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     For the first ``key_last`` of the steps the colour / shape questions end with their key: a LM reading ideal
     object tokens learns to answer them as asked only after that (``benchmarks/lm_binding.py``: 600 steps, colour
     97 / 100 / 95 % and shape 94 / 98 / 90 % with 2 / 3 / 4 objects; without it, a guess among the attributes
-    present). Every object also has four corner slots (:func:`object_tokens`), and the number tokens get the
-    :class:`CornerCode` of their value before training, so that ``[refer]`` / ``[identify]`` questions about the
-    object tokens can be answered. Returns the new state dict.
+    present). Returns the new state dict.
     """
     torch.manual_seed(seed)
     plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
     lm = PhiLM(plain)
     lm.load_state_dict(lm_state)
-    code = CornerCode(plain.hidden)
-    code.code_numbers_(lm, tok)
     seq_len = 128
     data, starts = line_windows(tok, lines, seq_len)
     opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM objects")
@@ -289,10 +229,9 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
         table = lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         items = [scenes(rng, step < key_last * steps) for _ in range(batch)]
-        prefixes = [object_slots(object_tokens(objs, boxes, table, tok, code), n_slots, rms, rng, g)[None]
-                    for objs, boxes, _, _ in items]
+        prefixes = [object_slots(object_vectors(objs, table, tok), n_slots, rms, rng, g)[None] for objs, _, _ in items]
         examples = [Example(None, [(text + "\n", True)]) if rng.random() < describe else qa_example(qas, rng, chat)
-                    for _, _, qas, text in items]
+                    for _, qas, text in items]
         b = build_batch(examples, prefixes, tok, lm.embed_tokens, 0, 0, max_txt_len=96)
         x = sample_windows(data, starts, text_batch, seq_len, g)
         with autocast:
@@ -414,7 +353,6 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     autocast = _autocast(amp)
     table = model.lm.embed_tokens.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
-    code = CornerCode(table.shape[1])
     shown: dict = {}
     for step in opt:
         size = sizes[step % len(sizes)]
@@ -431,8 +369,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         targets = [t for _, _, t in items]
         loss = caption + heads.loss(feats, queries, targets)
         if "objects" in targets[0]:  # image tokens as the object tokens the LM was taught to read
-            wanted = [object_tokens(t["objects"], t["boxes"], table, tok, code) for t in targets]
-            match = object_match_loss(emb, wanted, rms)
+            match = object_match_loss(emb, [object_vectors(t["objects"], table, tok) for t in targets], rms)
             qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets], [e[None] for e in emb],
                                    tok, model.lm.embed_tokens, 0, 0)
             with autocast:
