@@ -206,15 +206,22 @@ def slot_batch(lm: PhiLM, tok: Tokenizer, rng: random.Random, g: torch.Generator
     return logits, ids.masked_fill(keep == 0, IGNORE_INDEX)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def experiment_parser(doc: str, steps: int, configs: tuple[str, ...], stem: str) -> argparse.ArgumentParser:
+    """The options of the stage-0 LM experiments (this script, ``lm_grounding.py``): a recipe run to start from,
+    steps, scoring interval, learning rate, configurations and the results file's name."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--run", default="runs/nano", help="output folder of `tinygptv train --recipe nano`")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--every", type=int, default=200)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--configs", default=",".join(configs))
+    ap.add_argument("--stem", default=stem, help="results file name in benchmarks/results/")
+    return ap
+
+
+def main() -> None:
+    ap = experiment_parser(__doc__, 400, CONFIGS, "lm-binding")
     ap.add_argument("--docs", type=int, default=15000, help="binding documents to draw the windows from")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--stem", default="lm-binding", help="results file name in benchmarks/results/")
     args = ap.parse_args()
     run = Path(args.run)
     tok = Tokenizer.from_folder(run / "stage0" / "tokenizer")

@@ -34,7 +34,6 @@ Usage: ``python benchmarks/lm_grounding.py --run runs/nano [--steps 600] [--conf
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lm_binding import experiment_parser
 from safetensors.torch import load_file
 
 from tinygptv.model.phi import PhiLM
@@ -266,14 +266,8 @@ def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, g
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/nano", help="output folder of `tinygptv train --recipe nano`")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--every", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap = experiment_parser(__doc__, 600, CONFIGS, "lm-grounding")
     ap.add_argument("--grounding", type=float, default=0.5, help="share of scenes with two grounding questions")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--stem", default="lm-grounding", help="results file name in benchmarks/results/")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = {c: train_and_score(c, Path(args.run), args.steps, args.every, args.lr, args.grounding)
