@@ -23,10 +23,10 @@ Configurations:
 
 ``--grounding`` of the scenes get two grounding questions (:func:`grounding_questions`: ``[refer] give me the
 location of <a unique attribute or place expression>`` → ``{<x1><y1><x2><y2>}``, or ``[identify] what object is
-in this location {box}`` → its shortest attribute expression) and one other; the rest three others. Scored with the
-shortest attribute expression. Scoring is teacher-forced (each answer token predicted after the true ones before it): refer
-Acc@0.5 (IoU of the predicted box with the true one), the share of the four numbers within 3 of the truth, and
-identify (the whole expression right), over all scenes and over scenes of one object.
+in this location {box}`` → its shortest attribute expression) and one other; the rest three others. Scoring is
+teacher-forced (each answer token predicted after the true ones before it), with the shortest attribute expression:
+refer Acc@0.5 (IoU of the predicted box with the true one), the share of the four numbers within 3 of the truth,
+and identify (the whole expression right), over all scenes and over scenes of one object.
 
 Usage: ``python benchmarks/lm_grounding.py --run runs/nano [--steps 600] [--configs box-code,box-slots]`` after
 ``tinygptv train --recipe nano --output runs/nano``; writes ``benchmarks/results/<stem>.{md,json}``.
