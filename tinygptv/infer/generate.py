@@ -223,11 +223,12 @@ def generate_tokens(lm: PhiLM, prompts: list[Prompt], cfg: GenerationConfig, eos
                     prefix_cache: PrefixCache | None = None, fast_decode: bool = False) -> Iterator[StepEvent]:
     """Yield :class:`StepEvent` s for a batch of prompts ``([L_i, C], mask [L_i])`` (sampling or greedy).
 
-    ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding
-    of ``pad_id`` (default ``eos_id``), masked out anyway. ``prefix_cache``: see :class:`PrefixCache`
-    (used for single prompts). ``fast_decode`` (CPU): see :func:`new_cache`. On the CPU, the heap memory the
-    request freed (its keys/values, activations) is handed back to the OS when it ends: otherwise glibc keeps it
-    and every request's peak stacks on the last one's leftovers (measured on the full-size int8 model: one user's peak RSS 4.66 → 4.47 GB).
+    ``eos_id`` ends a row (pass -1 to never stop early, as benchmarks do); left padding uses the embedding of
+    ``pad_id`` (default ``eos_id``), masked out anyway. ``prefix_cache``: see :class:`PrefixCache` (used for single
+    prompts). ``fast_decode`` (CPU): see :func:`new_cache`. On the CPU, the heap memory the request freed (its
+    keys/values, activations) is handed back to the OS when it ends: otherwise glibc keeps it and every request's
+    peak stacks on the last one's leftovers (measured on the full-size int8 model: one user's peak RSS 4.66
+    → 4.47 GB).
     """
     try:
         yield from _generate_tokens(lm, prompts, cfg, eos_id, decode, pad_id, prefix_cache, fast_decode)
