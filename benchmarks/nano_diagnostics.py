@@ -51,6 +51,14 @@ scenes of 1–4 objects at the model's image size, and whether the model reads i
    read while continuing the scene's description ("… A large red" → shape), the model's own next-token prediction
    at the key word (best shape / colour), and a guess among the attributes present. A probe far above the model's
    answers means the information reaches that position and the read-out into the answer tokens is what fails.
+
+``--boxes CHECKPOINT…`` asks where position is lost (writes ``benchmarks/results/nano-boxes-probe.md``):
+
+10. **Where is the object?** Scenes of a single object at the model's image size. Probes predict its box
+    ``[x1, y1, x2, y2]`` (0–100 grid) from the ViT patches (flattened, an MLP), from the flattened Q-Former
+    queries and from the projected image tokens (ridge regression and an MLP); Acc@0.5 (IoU ≥ 0.5, the referring
+    metric) and the mean absolute corner error on held-out scenes. The mean box of the training scenes is the
+    floor: a probe at its level finds no position in those features.
 """
 
 from __future__ import annotations
@@ -565,6 +573,91 @@ def question_path_probe(model, n_train: int = 1200, n_test: int = 300) -> dict[s
     return out
 
 
+def _box_features(model, n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """([ViT patches, Q-Former queries, image tokens], each ``[n, …]`` flattened; boxes ``[n, 4]`` on the 0–100
+    grid) of ``n`` fresh single-object scenes."""
+    from tinygptv.image import preprocess
+    from tinygptv.synth.render import render
+
+    feats, boxes = [[], [], []], []
+    size = model.image_size
+    scenes = _single_object_scenes(n, seed, size)
+    for i in range(0, n, 100):
+        chunk = scenes[i:i + 100]
+        with torch.no_grad():
+            patches = model.vision(torch.stack([preprocess(render(sc), size) for sc in chunk]))
+            queries = model.qformer(patches)
+            tokens = model.projector(queries)
+        for out, t in zip(feats, (patches[:, 1:], queries, tokens)):
+            out.append(t.float().flatten(1))
+        for sc in chunk:
+            (x, y, w, h), (W, H) = sc.objects[0].box, sc.size
+            boxes.append([100 * x / W, 100 * y / H, 100 * (x + w) / W, 100 * (y + h) / H])
+    return [torch.cat(f) for f in feats], torch.tensor(boxes)
+
+
+def _box_scores(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Acc@0.5 (%) and mean absolute corner error (grid units) of predicted boxes."""
+    lo, hi = torch.maximum(pred[:, :2], truth[:, :2]), torch.minimum(pred[:, 2:], truth[:, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+
+    def area(b: torch.Tensor) -> torch.Tensor:
+        return (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+
+    iou = inter / (area(pred) + area(truth) - inter).clamp(min=1e-6)
+    return {"acc50": 100 * float((iou >= 0.5).float().mean()), "mae": float((pred - truth).abs().mean())}
+
+
+def _ridge(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, lam: float = 10.0) -> torch.Tensor:
+    mu, ym = x_tr.mean(0), y_tr.mean(0)
+    xc = x_tr - mu
+    w = torch.linalg.solve(xc.T @ xc + lam * torch.eye(xc.shape[1]), xc.T @ (y_tr - ym))
+    return (x_te - mu) @ w + ym
+
+
+def _mlp(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, steps: int = 3000) -> torch.Tensor:
+    torch.manual_seed(0)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5
+    net = torch.nn.Sequential(torch.nn.Linear(x_tr.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 4))
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.01)
+    xn = (x_tr - mu) / sd
+    for _ in range(steps):
+        i = torch.randint(0, len(xn), (128,))
+        loss = (net(xn[i]) - y_tr[i]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return net((x_te - mu) / sd)
+
+
+def box_probe(model, n_train: int = 3000, n_test: int = 500) -> dict[str, dict[str, float]]:
+    """Measurement 10: single-object boxes read from each stage of the vision side."""
+    (tr, y_tr), (te, y_te) = _box_features(model, n_train, 10), _box_features(model, n_test, 11)
+    out = {"mean box": _box_scores(y_tr.mean(0).expand_as(y_te), y_te)}
+    for j, name in enumerate(("ViT patches", "Q-Former queries", "image tokens")):
+        if name != "ViT patches":  # 32768 features: the ridge's solve takes many minutes
+            out[f"{name}, ridge"] = _box_scores(_ridge(tr[j], y_tr, te[j]), y_te)
+        out[f"{name}, MLP"] = _box_scores(_mlp(tr[j], y_tr, te[j]), y_te)
+    return out
+
+
+def boxes_report(checkpoints: list[str]) -> None:
+    """Measurement 10 for each checkpoint → ``benchmarks/results/nano-boxes-probe.{md,json}``."""
+    command = "python benchmarks/nano_diagnostics.py --boxes " + " ".join(checkpoints)
+    report = {ck: box_probe(tinygptv.load(ck).eval()) for ck in checkpoints}
+    lines = ["# Where the nano model's vision side keeps position", "",
+             f"Produced by `{command}`. Single-object scenes at each model's image size, 3000 training / 500 "
+             "held-out; boxes on the 0–100 grid. Acc@0.5: IoU ≥ 0.5; MAE: mean absolute corner error.", "",
+             "| checkpoint | features, probe | Acc@0.5 % | MAE |", "|---|---|---|---|"]
+    lines += [f"| {ck} | {name} | {r['acc50']:.1f} | {r['mae']:.1f} |"
+              for ck, rows in report.items() for name, r in rows.items()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "nano-boxes-probe.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "nano-boxes-probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def towers_report(checkpoints: list[str]) -> None:
     """Measurements 6, 7, 8 and 9 for each checkpoint → ``benchmarks/results/nano-towers.md``."""
     command = "python benchmarks/nano_diagnostics.py --towers " + " ".join(checkpoints)
@@ -625,7 +718,12 @@ def main() -> None:
     ap.add_argument("--qa-steps", type=int, default=400, help="training steps of measurement 5 (0 skips it)")
     ap.add_argument("--towers", nargs="+", metavar="CHECKPOINT",
                     help="only measurements 6-9 on these final models ('nano' = the bundled one)")
+    ap.add_argument("--boxes", nargs="+", metavar="CHECKPOINT",
+                    help="only measurement 10 on these models ('nano' = the bundled one)")
     args = ap.parse_args()
+    if args.boxes:
+        boxes_report(args.boxes)
+        return
     if args.towers:
         towers_report(args.towers)
         return

@@ -105,6 +105,10 @@ def test_stage0_retrieval_targets_and_head():
     objects = [(box, 1, 2, 1), (box, 1, 3, 1), (box, 2, 2, 1)]
     t = dense_targets(objects, None, 0, (64, 64), 8)
     assert sorted(t["bind"]) == [(False, 2, 2), (True, 3, 1)]  # shape 2 and colour 1 are ambiguous keys
+    # per patch, the box of the object there (units of the image size), zeros outside objects
+    assert t["patch"]["box"].shape == (64, 4)
+    assert torch.allclose(t["patch"]["box"][0], torch.tensor([0.0, 0.0, 10 / 64, 10 / 64]))
+    assert t["patch"]["box"][63].abs().sum() == 0 and t["patch"]["colour"][63] == 0
     n = {"colour": 4, "shape": 4, "size": 3, "word": 2}
     torch.manual_seed(0)
     heads = AuxHeads(8, 8, 4, n, 2)

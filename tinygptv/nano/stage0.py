@@ -276,7 +276,8 @@ class AuxHeads(torch.nn.Module):
     def __init__(self, width: int, q_dim: int, n_queries: int, n: dict[str, int], grid: int):
         super().__init__()
         self.n, self.grid = n, grid
-        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
+        # per patch: colour / shape / size of the object there, the word or not, and that object's box
+        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2 + 4)
         self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
         # retrieval: a key (a colour or a shape) attends over the queries, the pooled query names the other one
         self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"], q_dim)
@@ -285,12 +286,20 @@ class AuxHeads(torch.nn.Module):
         self.box = torch.nn.Linear(q_dim, 4)  # a matched query's object box [x1, y1, x2, y2] / image size
 
     def patch_loss(self, feats: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """Per ViT patch: colour / shape / size of the object there, and whether the word is."""
+        """Per ViT patch: colour / shape / size of the object there, whether the word is, and where the object
+        there is (its box, L1 in units of the image size, weighted by :data:`BOX_WEIGHT`; patches outside objects
+        have none). Without the box the patch features need not say where they are, and the Q-Former, whose
+        cross-attention does not see which patch a feature came from, hands the LM no position at all."""
         n = self.n
-        patch_logits = self.patch(feats[:, 1:].float())  # [B, g², …]
-        splits = [n["colour"], n["shape"], n["size"], 2]
+        out = self.patch(feats[:, 1:].float())  # [B, g², …]
+        splits = [n["colour"], n["shape"], n["size"], 2, 4]
+        *heads, box = out.split(splits, -1)
+        inside = torch.stack([t["patch"]["colour"] for t in targets]) > 0  # [B, g²]
         loss = 0.0
-        for logits, key in zip(patch_logits.split(splits, -1), ("colour", "shape", "size", "word")):
+        if inside.any():
+            truth = torch.stack([t["patch"]["box"] for t in targets])  # [B, g², 4]
+            loss = BOX_WEIGHT * (torch.sigmoid(box[inside]) - truth[inside]).abs().mean()
+        for logits, key in zip(heads, ("colour", "shape", "size", "word")):
             tgt = torch.stack([t["patch"][key] for t in targets])  # [B, g²]
             if tgt.shape[1] != logits.shape[1]:  # other resolution: targets are per input patch, recomputed
                 raise ValueError("dense targets do not match the patch grid")
@@ -466,13 +475,13 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     """
     W, H = size_wh
 
-    def at(x: float, y: float) -> tuple[int, int, int]:
+    def at(x: float, y: float) -> tuple[int, int, int, tuple[float, float, float, float]]:
         for (bx, by, bw, bh), c, s, z in objects:
             if bx <= x < bx + bw and by <= y < by + bh:
-                return c, s, z
-        return 0, 0, 0
+                return c, s, z, (bx / W, by / H, (bx + bw) / W, (by + bh) / H)
+        return 0, 0, 0, (0.0, 0.0, 0.0, 0.0)
 
-    def labels(g: int) -> list[tuple[int, int, int]]:
+    def labels(g: int) -> list[tuple[int, int, int, tuple[float, float, float, float]]]:
         return [at((j + 0.5) * W / g, (i + 0.5) * H / g) for i in range(g) for j in range(g)]
 
     cells = labels(grid)
@@ -486,10 +495,11 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     # (is the key a shape, key id, label id): "the star is …" → its colour, "the red one is …" → its shape
     bind = [(True, sh, c) for c, sh in zip(colours, shapes) if shapes.count(sh) == 1]
     bind += [(False, c, sh) for c, sh in zip(colours, shapes) if colours.count(c) == 1]
-    return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
-                      "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
-            "grid_colour": torch.tensor([c for c, _, _ in coarse]),
-            "grid_shape": torch.tensor([s for _, s, _ in coarse]),
+    return {"patch": {"colour": torch.tensor([c[0] for c in cells]), "shape": torch.tensor([c[1] for c in cells]),
+                      "size": torch.tensor([c[2] for c in cells]), "word": torch.tensor(in_word),
+                      "box": torch.tensor([c[3] for c in cells])},
+            "grid_colour": torch.tensor([c[0] for c in coarse]),
+            "grid_shape": torch.tensor([c[1] for c in coarse]),
             "count": min(len(objects), 4), "word": word, "bind": bind}
 
 
