@@ -165,13 +165,6 @@ def object_words(scene) -> list[list[str]]:
     return words + ([[scene.word.text, "word"]] if scene.word is not None else [])
 
 
-def object_boxes(scene) -> torch.Tensor:
-    """``[n, 4]``: the box ``[x1, y1, x2, y2]`` / image size of each of :func:`object_words`' things."""
-    W, H = scene.size
-    things = [o.box for o in scene.objects] + ([scene.word.box] if scene.word is not None else [])
-    return torch.tensor([[x / W, y / H, (x + w) / W, (y + h) / H] for x, y, w, h in things])
-
-
 def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[tuple[str, str]]:
     """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: questions of the
     :data:`KEY_LAST` kinds reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
@@ -225,8 +218,7 @@ def scene_pairs(seed: int, size: int):
             description = ""
             if text:
                 description = grounded_caption(scene, rng) if rng.random() < 0.5 else detail(scene)
-                targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False),
-                               boxes=object_boxes(scene))
+                targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False))
             out.append((render(scene), description, targets))
         return out
 

@@ -21,8 +21,7 @@
    shapes, the number of objects, the word, and one-hop retrievals ("the star's colour", "the red one's shape").
    In the same loop the projected queries are regressed onto the scene's object tokens (each object matched to
    its nearest query, :func:`object_match_loss`) and the frozen LM answers questions from them, so that the tower
-   hands over tokens the LM has learnt to read; a head on each matched query predicts its object's box, so that
-   the queries say where things are (:meth:`AuxHeads.box_loss`).
+   hands over tokens the LM has learnt to read.
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
    the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0, fresh random
    projections (§1.4) — then frozen by the paper's stages. One deliberate difference: the second projection
@@ -276,30 +275,20 @@ class AuxHeads(torch.nn.Module):
     def __init__(self, width: int, q_dim: int, n_queries: int, n: dict[str, int], grid: int):
         super().__init__()
         self.n, self.grid = n, grid
-        # per patch: colour / shape / size of the object there, the word or not, and that object's box
-        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2 + 4)
+        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
         self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
         # retrieval: a key (a colour or a shape) attends over the queries, the pooled query names the other one
         self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"], q_dim)
         self.bind_q = torch.nn.Linear(q_dim, q_dim)
         self.bind_out = torch.nn.Linear(q_dim, n["colour"] + n["shape"])
-        self.box = torch.nn.Linear(q_dim, 4)  # a matched query's object box [x1, y1, x2, y2] / image size
 
     def patch_loss(self, feats: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """Per ViT patch: colour / shape / size of the object there, whether the word is, and where the object
-        there is (its box, L1 in units of the image size, weighted by :data:`BOX_WEIGHT`; patches outside objects
-        have none). Without the box the patch features need not say where they are, and the Q-Former, whose
-        cross-attention does not see which patch a feature came from, hands the LM no position at all."""
+        """Per ViT patch: colour / shape / size of the object there, and whether the word is."""
         n = self.n
-        out = self.patch(feats[:, 1:].float())  # [B, g², …]
-        splits = [n["colour"], n["shape"], n["size"], 2, 4]
-        *heads, box = out.split(splits, -1)
-        inside = torch.stack([t["patch"]["colour"] for t in targets]) > 0  # [B, g²]
+        patch_logits = self.patch(feats[:, 1:].float())  # [B, g², …]
+        splits = [n["colour"], n["shape"], n["size"], 2]
         loss = 0.0
-        if inside.any():
-            truth = torch.stack([t["patch"]["box"] for t in targets])  # [B, g², 4]
-            loss = BOX_WEIGHT * (torch.sigmoid(box[inside]) - truth[inside]).abs().mean()
-        for logits, key in zip(heads, ("colour", "shape", "size", "word")):
+        for logits, key in zip(patch_logits.split(splits, -1), ("colour", "shape", "size", "word")):
             tgt = torch.stack([t["patch"][key] for t in targets])  # [B, g²]
             if tgt.shape[1] != logits.shape[1]:  # other resolution: targets are per input patch, recomputed
                 raise ValueError("dense targets do not match the patch grid")
@@ -333,20 +322,6 @@ class AuxHeads(torch.nn.Module):
         probe = self.bind_q(self.bind_key(key))  # [P, H]
         attn = torch.softmax(torch.einsum("pqh,ph->pq", out, probe) / out.shape[-1] ** 0.5, dim=-1)
         return F.cross_entropy(self.bind_out(torch.einsum("pq,pqh->ph", attn, out)), label)
-
-    def box_loss(self, queries: torch.Tensor, matches: list[list[tuple[int, int]]],
-                 boxes: list[torch.Tensor]) -> torch.Tensor:
-        """Where each object is, read from the query it was matched to (:func:`object_match_loss`): the L1 error of
-        its box corners in units of the image's width / height. Without it the queries carry no position at all
-        (measured on the bundle of d2a379d, single-object scenes at 128 px: ridge or MLP probes on all 16 queries
-        predict the box no better than the mean box, Acc@0.5 2 %, while an MLP on the ViT patches reaches 72 %):
-        the Q-Former's cross-attention does not see which patch a feature came from unless the feature says so."""
-        rows = [(b, q, box) for b, (pairs, bx) in enumerate(zip(matches, boxes)) for q, i in pairs for box in [bx[i]]]
-        if not rows:
-            return queries.sum() * 0.0
-        b, q, box = zip(*rows)
-        pred = torch.sigmoid(self.box(queries.float()[torch.tensor(b), torch.tensor(q)]))  # [P, 4]
-        return (pred - torch.stack(box)).abs().mean()
 
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
@@ -394,48 +369,39 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         targets = [t for _, _, t in items]
         loss = caption + heads.loss(feats, queries, targets)
         if "objects" in targets[0]:  # image tokens as the object tokens the LM was taught to read
-            match, matches = object_match_loss(emb, [object_vectors(t["objects"], table, tok) for t in targets], rms)
-            box = heads.box_loss(queries, matches, [t["boxes"] for t in targets])
+            match = object_match_loss(emb, [object_vectors(t["objects"], table, tok) for t in targets], rms)
             qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets], [e[None] for e in emb],
                                    tok, model.lm.embed_tokens, 0, 0)
             with autocast:
                 qa_logits = model.lm(inputs_embeds=qa_batch.inputs_embeds, attention_mask=qa_batch.attention_mask)
             qa = causal_lm_loss(qa_logits, qa_batch.labels)
-            loss = loss + match + qa + BOX_WEIGHT * box
-            shown = {"match": match, "qa": qa, "box": box}
+            loss = loss + match + qa
+            shown = {"match": match, "qa": qa}
         opt.update(loss, step, caption=caption, total=loss, size=size, **shown)
     log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
 
 
-BOX_WEIGHT = 10.0  # of :meth:`AuxHeads.box_loss` in the vision loop (an L1 error of ~0.03 then costs ~0.3)
-
-
-def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor],
-                      rms: torch.Tensor) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor], rms: torch.Tensor) -> torch.Tensor:
     """Regression of the image tokens ``emb [B, Q, C]`` onto each image's object vectors ``[n, C]``
     (:func:`object_vectors`), DETR-style: every object is matched to the query token nearest to it (greedily,
     nearest pair first), the unmatched tokens are pulled towards 0 (an empty slot) with weight 0.1. Mean squared
-    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image. Returns the
-    loss and, per image, the matched ``(query, object)`` index pairs."""
+    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image."""
     total = emb.new_zeros((), dtype=torch.float32)
-    pairs: list[list[tuple[int, int]]] = []
     for e, targets in zip(emb.float(), objects):
         if len(targets) >= len(e):
             raise ValueError(f"{len(targets)} objects for {len(e)} image tokens: the matching needs fewer objects")
         cost = (e[:, None] - targets[None]).pow(2).mean(-1) / rms ** 2  # [Q, n]
         free = cost.detach().clone()
         rest = torch.ones(len(e), dtype=torch.bool, device=e.device)
-        matched, pairs_here = [], []
+        matched = []
         for _ in range(len(targets)):
             q, n = divmod(int(free.argmin()), free.shape[1])
             matched.append(cost[q, n])
-            pairs_here.append((q, n))
             free[q, :], free[:, n], rest[q] = float("inf"), float("inf"), False
-        pairs.append(pairs_here)
         total = total + torch.stack(matched).mean() + 0.1 * (e[rest].pow(2).mean() / rms ** 2)
-    return total / len(objects), pairs
+    return total / len(objects)
 
 
 def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: random.Random, steps: int,
@@ -475,13 +441,13 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     """
     W, H = size_wh
 
-    def at(x: float, y: float) -> tuple[int, int, int, tuple[float, float, float, float]]:
+    def at(x: float, y: float) -> tuple[int, int, int]:
         for (bx, by, bw, bh), c, s, z in objects:
             if bx <= x < bx + bw and by <= y < by + bh:
-                return c, s, z, (bx / W, by / H, (bx + bw) / W, (by + bh) / H)
-        return 0, 0, 0, (0.0, 0.0, 0.0, 0.0)
+                return c, s, z
+        return 0, 0, 0
 
-    def labels(g: int) -> list[tuple[int, int, int, tuple[float, float, float, float]]]:
+    def labels(g: int) -> list[tuple[int, int, int]]:
         return [at((j + 0.5) * W / g, (i + 0.5) * H / g) for i in range(g) for j in range(g)]
 
     cells = labels(grid)
@@ -495,11 +461,10 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     # (is the key a shape, key id, label id): "the star is …" → its colour, "the red one is …" → its shape
     bind = [(True, sh, c) for c, sh in zip(colours, shapes) if shapes.count(sh) == 1]
     bind += [(False, c, sh) for c, sh in zip(colours, shapes) if colours.count(c) == 1]
-    return {"patch": {"colour": torch.tensor([c[0] for c in cells]), "shape": torch.tensor([c[1] for c in cells]),
-                      "size": torch.tensor([c[2] for c in cells]), "word": torch.tensor(in_word),
-                      "box": torch.tensor([c[3] for c in cells])},
-            "grid_colour": torch.tensor([c[0] for c in coarse]),
-            "grid_shape": torch.tensor([c[1] for c in coarse]),
+    return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
+                      "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
+            "grid_colour": torch.tensor([c for c, _, _ in coarse]),
+            "grid_shape": torch.tensor([s for _, s, _ in coarse]),
             "count": min(len(objects), 4), "word": word, "bind": bind}
 
 
