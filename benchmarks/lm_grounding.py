@@ -20,6 +20,9 @@ Configurations:
   map), each rescaled to the RMS of a token embedding; 32 slots (the paper's query count). The single-token numbers
   get the same code added to their input and output embeddings, so emitting a coordinate is a copy and a linear
   read-out.
+- ``box-slots-coarse``: the same with the corner code at 0.25–1 cycles only (:data:`COARSE_FREQUENCIES`): nearly
+  a linear function of the coordinate, which a vision tower whose queries already carry the box linearly (see
+  ``nano-history.md``, "Position in the image tokens") could regress onto.
 
 ``--grounding`` of the scenes get two grounding questions (:func:`grounding_questions`: ``[refer] give me the
 location of <a unique attribute or place expression>`` → ``{<x1><y1><x2><y2>}``, or ``[identify] what object is
@@ -60,6 +63,7 @@ RESULTS = Path(__file__).parent / "results"
 Box = tuple[float, float, float, float]  # corners x1, y1, x2, y2 in 0-1
 CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
 CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height
+COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
 
 
 class CornerCode:
@@ -71,10 +75,10 @@ class CornerCode:
     ``{<x1><y1><x2><y2>}`` is, per number, a lookup of the object's corner slot and a copy.
     """
 
-    def __init__(self, hidden: int, seed: int = 1234):
+    def __init__(self, hidden: int, seed: int = 1234, frequencies: tuple[float, ...] = CORNER_FREQUENCIES):
         g = torch.Generator().manual_seed(seed)
-        self.freqs = torch.tensor(CORNER_FREQUENCIES)
-        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(CORNER_FREQUENCIES), generator=g))[0]
+        self.freqs = torch.tensor(frequencies)
+        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(frequencies), generator=g))[0]
 
     def __call__(self, t: float) -> torch.Tensor:
         angle = 2 * math.pi * t * self.freqs
@@ -129,7 +133,7 @@ def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-CONFIGS = ("box-code", "box-slots")
+CONFIGS = ("box-code", "box-slots", "box-slots-coarse")
 
 
 class Coder:
@@ -138,7 +142,8 @@ class Coder:
     def __init__(self, config: str, lm: PhiLM, tok: Tokenizer, seed: int = 1234):
         self.config, self.lm, self.tok = config, lm, tok
         hidden = lm.embed_tokens.weight.shape[1]
-        self.corner = CornerCode(hidden, seed)
+        coarse = config == "box-slots-coarse"
+        self.corner = CornerCode(hidden, seed, COARSE_FREQUENCIES if coarse else CORNER_FREQUENCIES)
         if config == "box-code":  # the four coordinates' sines / cosines at 0.5-8 cycles side by side, one map
             g = torch.Generator().manual_seed(seed)
             self.freqs = torch.tensor([0.5, 1, 2, 4, 8])
@@ -158,7 +163,7 @@ class Coder:
         table = self.lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
-        if self.config == "box-slots":
+        if self.config.startswith("box-slots"):
             vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner)
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
@@ -280,7 +285,7 @@ def main() -> None:
     cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one")
     lines = ["# Grounding from ideal object tokens (stage-0 LM)", "",
              f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --steps {args.steps} --lr {args.lr} "
-             f"--grounding {args.grounding} --configs {args.configs}` ({meta['threads']} threads, torch "
+             f"--grounding {args.grounding} --configs {args.configs} --stem {args.stem}` ({meta['threads']} threads, torch "
              f"{meta['torch']}). Teacher-forced scores on 200 fresh scenes; `_one`: scenes of one object.", "",
              "| config | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for config, rows in results.items():
