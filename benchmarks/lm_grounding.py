@@ -64,6 +64,7 @@ Box = tuple[float, float, float, float]  # corners x1, y1, x2, y2 in 0-1
 CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
 CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height
 COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
+SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES}  # per slot config
 
 
 class CornerCode:
@@ -133,7 +134,7 @@ def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-CONFIGS = ("box-code", "box-slots", "box-slots-coarse")
+CONFIGS = ("box-code", *SLOT_FREQUENCIES)
 
 
 class Coder:
@@ -142,8 +143,7 @@ class Coder:
     def __init__(self, config: str, lm: PhiLM, tok: Tokenizer, seed: int = 1234):
         self.config, self.lm, self.tok = config, lm, tok
         hidden = lm.embed_tokens.weight.shape[1]
-        coarse = config == "box-slots-coarse"
-        self.corner = CornerCode(hidden, seed, COARSE_FREQUENCIES if coarse else CORNER_FREQUENCIES)
+        self.corner = CornerCode(hidden, seed, SLOT_FREQUENCIES.get(config, CORNER_FREQUENCIES))
         if config == "box-code":  # the four coordinates' sines / cosines at 0.5-8 cycles side by side, one map
             g = torch.Generator().manual_seed(seed)
             self.freqs = torch.tensor([0.5, 1, 2, 4, 8])
@@ -163,7 +163,7 @@ class Coder:
         table = self.lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
-        if self.config.startswith("box-slots"):
+        if self.config in SLOT_FREQUENCIES:
             vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner)
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
