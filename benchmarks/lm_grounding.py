@@ -20,9 +20,12 @@ Configurations:
   map), each rescaled to the RMS of a token embedding; 32 slots (the paper's query count). The single-token numbers
   get the same code added to their input and output embeddings, so emitting a coordinate is a copy and a linear
   read-out.
-- ``box-slots-coarse``: the same with the corner code at 0.25–1 cycles only (``stage0.CORNER_FREQUENCIES``, the
-  recipe's): nearly a linear function of the coordinate, which a vision tower whose queries already carry the box
-  linearly (see ``nano-history.md``, "Position in the image tokens") could regress onto.
+- ``box-slots-coarse``: the same with the corner code at 0.25–1 cycles only (:data:`COARSE_FREQUENCIES`): nearly
+  a linear function of the coordinate, which a vision tower whose queries already carry the box linearly (see
+  ``nano-history.md``, "Position in the image tokens") could regress onto.
+- ``coded-coarse``: the ``box-slots-coarse`` tokens read by an object-phase LM whose number tokens already carry
+  that code: the recipe of commit 1eb6592 (since reverted) trained its object phase on them; ``--steps 0`` scores
+  such a run's ``lm-objects.safetensors`` as it is.
 
 ``--grounding`` of the scenes get two grounding questions (:func:`grounding_questions`: ``[refer] give me the
 location of <a unique attribute or place expression>`` → ``{<x1><y1><x2><y2>}``, or ``[identify] what object is
@@ -54,18 +57,87 @@ from safetensors.torch import load_file
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import build_batch, causal_lm_loss
 from tinygptv.nano import stage0
-from tinygptv.nano.recipe import grounding_questions, nano_config, object_boxes, object_words
-from tinygptv.nano.stage0 import CornerCode, object_tokens
+from tinygptv.nano.recipe import nano_config, object_words
 from tinygptv.synth.text import box_text
 from tinygptv.synth.world import Scene, referring_expressions, sample_scene
 from tinygptv.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-FINE_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the first slot configuration's corner code
-SLOT_FREQUENCIES = {"box-slots": FINE_FREQUENCIES, "box-slots-coarse": stage0.CORNER_FREQUENCIES}  # per config
+Box = tuple[float, float, float, float]  # corners x1, y1, x2, y2 in 0-1
+CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
+CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height
+COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
+SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES}  # per slot config
 
 
-CONFIGS = ("box-code", *SLOT_FREQUENCIES)
+class CornerCode:
+    """A box coordinate (0–1) as a unit-RMS ``[C]`` vector: its sine and cosine at :data:`CORNER_FREQUENCIES`
+    through a fixed random orthonormal map (drawn from ``seed``) into the LM's embedding space.
+
+    Object tokens give every object four *corner slots*, one per coordinate of its box, and the number tokens
+    0–100 carry the code of their value (:meth:`code_numbers_`), so that answering ``[refer]`` with
+    ``{<x1><y1><x2><y2>}`` is, per number, a lookup of the object's corner slot and a copy.
+    """
+
+    def __init__(self, hidden: int, seed: int = 1234, frequencies: tuple[float, ...] = CORNER_FREQUENCIES):
+        g = torch.Generator().manual_seed(seed)
+        self.freqs = torch.tensor(frequencies)
+        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(frequencies), generator=g))[0]
+
+    def __call__(self, t: float) -> torch.Tensor:
+        angle = 2 * math.pi * t * self.freqs
+        v = self.map @ torch.cat([angle.sin(), angle.cos()])
+        return v / v.pow(2).mean().sqrt()
+
+    @torch.no_grad()
+    def code_numbers_(self, lm: PhiLM, tok: Tokenizer) -> None:
+        """Add to the input and output embedding rows of every single-token number 0–100 the code of its value
+        (value / 100), at the row's own RMS."""
+        for n in range(101):
+            ids = tok.encode(str(n))
+            if len(ids) == 1:
+                for table in (lm.embed_tokens.weight, lm.lm_head.weight):
+                    table[ids[0]] += self(n / 100).to(table.dtype) * table[ids[0]].float().pow(2).mean().sqrt()
+
+
+def object_tokens(objects: list[list[str]], boxes: list[Box], table: torch.Tensor, tok: Tokenizer,
+                  code: CornerCode) -> torch.Tensor:
+    """``[n + 4·len(boxes), C]``: ``stage0.object_vectors`` of ``objects`` (the first ``len(boxes)`` are the boxed
+    objects), then per box four corner slots — 0.7 × the object's vector + the embedding of "left" / "top" /
+    "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
+    vectors = stage0.object_vectors(objects, table, tok)
+    rms = table.float().pow(2).mean().sqrt()
+    corners = [table[tok.encode(w)].float().mean(0) for w in CORNER_WORDS]
+    out = [vectors]
+    for v, box in zip(vectors, boxes):
+        for word, t in zip(corners, box):
+            slot = 0.7 * v / rms + word / word.pow(2).mean().sqrt() + code(t)
+            out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
+    return torch.cat(out)
+
+
+def object_boxes(scene) -> list[Box]:
+    """Each object's box as corners ``(x1, y1, x2, y2)`` in 0–1 of the image's width / height."""
+    return [(o.box[0] / scene.width, o.box[1] / scene.height, o.x2 / scene.width, o.y2 / scene.height)
+            for o in scene.objects]
+
+
+def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Per object that some expression picks out, a ``[refer]`` question (→ its box on the 0–100 grid) or an
+    ``[identify]`` question (its box → its shortest attribute expression), as stage 4 and the evaluation ask them."""
+    out = []
+    for i, o in enumerate(scene.objects):
+        specs = referring_expressions(scene, i, ("attribute", "spatial"))
+        if not specs:
+            continue
+        if rng.random() < 0.5:
+            out.append((f"[refer] give me the location of {rng.choice(specs).text()}", box_text(scene, o)))
+        else:
+            out.append((f"[identify] what object is in this location {box_text(scene, o)}", specs[0].text()))
+    return out
+
+
+CONFIGS = ("box-code", *SLOT_FREQUENCIES, "coded-coarse")
 
 
 class Coder:
@@ -74,7 +146,10 @@ class Coder:
     def __init__(self, config: str, lm: PhiLM, tok: Tokenizer, seed: int = 1234):
         self.config, self.lm, self.tok = config, lm, tok
         hidden = lm.embed_tokens.weight.shape[1]
-        self.corner = CornerCode(hidden, seed, SLOT_FREQUENCIES.get(config, FINE_FREQUENCIES))
+        self.corner = CornerCode(hidden, seed, SLOT_FREQUENCIES.get(config, CORNER_FREQUENCIES))
+        if config == "coded-coarse":  # the run's object phase coded the number tokens already
+            self.corner, self.slots = CornerCode(hidden, seed, COARSE_FREQUENCIES), 32
+            return
         if config == "box-code":  # the four coordinates' sines / cosines at 0.5-8 cycles side by side, one map
             g = torch.Generator().manual_seed(seed)
             self.freqs = torch.tensor([0.5, 1, 2, 4, 8])
@@ -94,7 +169,7 @@ class Coder:
         table = self.lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
-        if self.config in SLOT_FREQUENCIES:
+        if self.config != "box-code":
             vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner)
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
@@ -171,6 +246,8 @@ def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, g
     coder = Coder(config, lm, tok)
     rows = [{"step": 0, **score(coder)}]
     print(config, rows[-1], flush=True)
+    if not steps:
+        return rows
     lines = (run / "world" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     data, starts = stage0.line_windows(tok, lines, 128)
     opt = stage0._Steps(lm.parameters(), steps, lr, 0.01, config)

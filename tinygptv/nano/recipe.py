@@ -31,12 +31,7 @@ RECIPE_DIR = Path(tinygptv.__file__).parent / "configs" / "train"
 SIZES = (64, 128)  # stages 1-3, stage 4
 LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 1500  # stage 0: LM, ViT alone, ViT + Q-Former through the LM
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
-OBJECT_STEPS = 1600  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
-# Grounding questions about object tokens (``[refer]`` → box, ``[identify]`` box → object): every scene's questions
-# include one, and a second with this probability. Without them the nano model's referring boxes were right at ~2 %.
-SECOND_GROUNDING = 0.5
-OBJECT_LR = 3e-3  # measured with grounding questions on ideal object tokens: refer Acc@0.5 42 % after 600 steps at
-# 3e-3 with two grounding questions per scene, 15 % at 2e-3 with one (``benchmarks/lm_grounding.py``)
+OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
 # how often each kind of question is asked about object tokens (binding questions need the most steps)
 OBJECT_QUESTIONS = {"colour": 3, "shape": 3, "count": 2, "size": 1, "exist": 1, "spatial": 1, "text": 1}
 KEY_LAST = ("colour", "shape")  # question kinds reworded to end with their key early in the object-token phase
@@ -46,7 +41,7 @@ def nano_config(vocab_size: int) -> ModelConfig:
     return ModelConfig(
         name="tinygptv-nano",
         vision=VisionConfig(image_size=SIZES[0], patch_size=8, width=128, depth=4, heads=4, mlp_dim=512),
-        qformer=QFormerConfig(hidden=128, layers=2, heads=4, mlp_dim=512, num_queries=32),
+        qformer=QFormerConfig(hidden=128, layers=2, heads=4, mlp_dim=512, num_queries=16),
         projector=ProjectorConfig(hidden=256),
         lm=LMConfig(vocab_size=-(-vocab_size // 64) * 64, hidden=256, layers=4, heads=8, mlp_dim=768,
                     partial_rotary_factor=0.5, max_position_embeddings=512, resid_dropout=0.0,
@@ -170,46 +165,18 @@ def object_words(scene) -> list[list[str]]:
     return words + ([[scene.word.text, "word"]] if scene.word is not None else [])
 
 
-def object_boxes(scene) -> list[stage0.Corners]:
-    """Each object's box as corners ``(x1, y1, x2, y2)`` in 0–1 of the image's width / height."""
-    return [(o.box[0] / scene.width, o.box[1] / scene.height, o.x2 / scene.width, o.y2 / scene.height)
-            for o in scene.objects]
-
-
-def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Per object that some expression picks out, a ``[refer]`` question (→ its box on the 0–100 grid) or an
-    ``[identify]`` question (its box → its shortest attribute expression), as stage 4 and the evaluation ask them."""
-    from tinygptv.synth.text import box_text
-    from tinygptv.synth.world import referring_expressions
-
-    out = []
-    for i, o in enumerate(scene.objects):
-        specs = referring_expressions(scene, i, ("attribute", "spatial"))
-        if not specs:
-            continue
-        if rng.random() < 0.5:
-            out.append((f"[refer] give me the location of {rng.choice(specs).text()}", box_text(scene, o)))
-        else:
-            out.append((f"[identify] what object is in this location {box_text(scene, o)}", specs[0].text()))
-    return out
-
-
 def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[tuple[str, str]]:
-    """``k`` questions with their answers: one or two (:data:`SECOND_GROUNDING`) grounding questions
-    (:func:`grounding_questions`), the rest of kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: questions of
-    the :data:`KEY_LAST` kinds reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
+    """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: questions of the
+    :data:`KEY_LAST` kinds reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
     from tinygptv.synth.text import keyed_last, questions
 
     pool = questions(scene, rng)
     kinds = [c for c in OBJECT_QUESTIONS if pool.get(c)]
-    grounding = grounding_questions(scene, rng)
-    n_grounding = min(len(grounding), k - 1, 1 + (rng.random() < SECOND_GROUNDING))
-    out = rng.sample(grounding, n_grounding)
-    for _ in range(k - n_grounding):
+    out = []
+    for _ in range(k):
         qa = rng.choice(pool[rng.choices(kinds, [OBJECT_QUESTIONS[c] for c in kinds])[0]])
         out.append((keyed_last(qa.question) if key_last and qa.category in KEY_LAST else qa.question,
                     qa.answer))
-    rng.shuffle(out)
     return out
 
 
@@ -223,7 +190,7 @@ def scene_objects(seed: int, size: int = 128) -> stage0.ObjectFn:
     def item(rng: random.Random, key_last: bool):
         scene = sample_scene(rng, f"objects-{seed}-{next(counter)}", image_size=size)
         described = caption(scene, rng) if rng.random() < 0.5 else detail(scene)
-        return object_words(scene), object_boxes(scene), object_questions(scene, rng, 3, key_last), described
+        return object_words(scene), object_questions(scene, rng, 3, key_last), described
 
     return item
 
@@ -251,8 +218,7 @@ def scene_pairs(seed: int, size: int):
             description = ""
             if text:
                 description = grounded_caption(scene, rng) if rng.random() < 0.5 else detail(scene)
-                targets.update(objects=object_words(scene), boxes=object_boxes(scene),
-                               qas=object_questions(scene, rng, 3, False))
+                targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False))
             out.append((render(scene), description, targets))
         return out
 
@@ -333,8 +299,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
             lm_state = load_file(str(lm_file))
         else:
             lm_state = stage0.pretrain_lm_objects(cfg, tok, lm_state, lines, scene_objects(seed),
-                                                  steps=max(2, round(OBJECT_STEPS * steps_scale)), lr=OBJECT_LR,
-                                                  seed=seed,
+                                                  steps=max(2, round(OBJECT_STEPS * steps_scale)), seed=seed,
                                                   amp=amp)
             save_file(lm_state, str(lm_file))
         ran("stage0_lm_objects", t, not done)
