@@ -23,6 +23,8 @@ Configurations:
 - ``box-slots-coarse``: the same with the corner code at 0.25–1 cycles only (:data:`COARSE_FREQUENCIES`): nearly
   a linear function of the coordinate, which a vision tower whose queries already carry the box linearly (see
   ``nano-history.md``, "Position in the image tokens") could regress onto.
+- ``plain``: the recipe's object tokens (one per object and the word, no box) in 16 slots, for the colour / shape
+  scores of a bundle-like run's object-phase LM (its grounding scores are at chance by construction).
 - ``coded-coarse``: the ``box-slots-coarse`` tokens read by an object-phase LM whose number tokens already carry
   that code: the recipe of commit 1eb6592 (since reverted) trained its object phase on them; ``--steps 0`` scores
   such a run's ``lm-objects.safetensors`` as it is.
@@ -32,7 +34,8 @@ location of <a unique attribute or place expression>`` → ``{<x1><y1><x2><y2>}`
 in this location {box}`` → its shortest attribute expression) and one other; the rest three others. Scoring is
 teacher-forced (each answer token predicted after the true ones before it), with the shortest attribute expression:
 refer Acc@0.5 (IoU of the predicted box with the true one), the share of the four numbers within 3 of the truth,
-and identify (the whole expression right), over all scenes and over scenes of one object.
+and identify (the whole expression right), over all scenes and over scenes of one object; and colour / shape
+questions about scenes of two or more objects (the whole answer right).
 
 Usage: ``python benchmarks/lm_grounding.py --run runs/nano [--steps 600] [--configs box-code,box-slots]`` after
 ``tinygptv train --recipe nano --output runs/nano``; writes ``benchmarks/results/<stem>.{md,json}``.
@@ -137,7 +140,7 @@ def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-CONFIGS = ("box-code", *SLOT_FREQUENCIES, "coded-coarse")
+CONFIGS = ("box-code", *SLOT_FREQUENCIES, "coded-coarse", "plain")
 
 
 class Coder:
@@ -147,6 +150,9 @@ class Coder:
         self.config, self.lm, self.tok = config, lm, tok
         hidden = lm.embed_tokens.weight.shape[1]
         self.corner = CornerCode(hidden, seed, SLOT_FREQUENCIES.get(config, CORNER_FREQUENCIES))
+        if config == "plain":  # the recipe's object tokens without boxes (grounding at chance by construction)
+            self.slots = 16
+            return
         if config == "coded-coarse":  # the run's object phase coded the number tokens already
             self.corner, self.slots = CornerCode(hidden, seed, COARSE_FREQUENCIES), 32
             return
@@ -169,7 +175,9 @@ class Coder:
         table = self.lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
-        if self.config != "box-code":
+        if self.config == "plain":
+            vectors = stage0.object_vectors(object_words(scene), table, self.tok)
+        elif self.config != "box-code":
             vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner)
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
@@ -195,6 +203,31 @@ def iou(a: list[int], b: list[int]) -> float:
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
     return ix * iy / union if union > 0 else 0.0
+
+
+def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
+    """Teacher-forced colour and shape questions (the whole answer right) about scenes of two or more objects, with
+    a random generator of their own so that the grounding scores stay as they were."""
+    from tinygptv.synth.text import questions
+
+    lm, tok = coder.lm, coder.tok
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    hits: dict[str, list[float]] = {"colour": [], "shape": []}
+    for k in range(n):
+        scene = sample_scene(rng, f"attribute-eval-{k}", image_size=128)
+        pool = questions(scene, rng)
+        kind = rng.choice(list(hits))
+        if len(scene.objects) < 2 or not pool.get(kind):
+            continue
+        qa = rng.choice(pool[kind])
+        b = build_batch([stage0.qa_example([(qa.question, qa.answer)], rng, chat=1.0)],
+                        [coder.tokens(scene, rng, g)[None]], tok, lm.embed_tokens, 0, 0)
+        pred = lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)[0, :-1].argmax(-1)
+        target = b.labels[0, 1:]
+        supervised = target != -100
+        n_answer = len(tok.encode(qa.answer))
+        hits[kind].append(float(pred[supervised][:n_answer].tolist() == target[supervised][:n_answer].tolist()))
+    return hits
 
 
 @torch.no_grad()
@@ -233,6 +266,7 @@ def score(coder: Coder, n: int = 200, seed: int = 99) -> dict[str, float]:
             hits[key].append(right)
             if len(scene.objects) == 1:
                 hits[key + "_one"].append(right)
+    hits.update(attribute_hits(coder, n, seed + 1))
     lm.train()
     return {k: round(100 * sum(v) / max(1, len(v)), 1) for k, v in hits.items()}
 
@@ -290,14 +324,14 @@ def main() -> None:
             "grounding": args.grounding}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one")
+    cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "colour", "shape")
     lines = ["# Grounding from ideal object tokens (stage-0 LM)", "",
              f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --steps {args.steps} --lr {args.lr} "
              f"--grounding {args.grounding} --configs {args.configs} --stem {args.stem}` ({meta['threads']} threads, torch "
              f"{meta['torch']}). Teacher-forced scores on 200 fresh scenes; `_one`: scenes of one object.", "",
              "| config | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for config, rows in results.items():
-        lines += [f"| {config} | {r['step']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+        lines += [f"| {config} | {r['step']} | " + " | ".join(f"{r[c]:.1f}" if c in r else "—" for c in cols) + " |" for r in rows]
     (RESULTS / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
 
 
