@@ -175,13 +175,11 @@ class Coder:
         table = self.lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
-        if self.config == "plain":
-            vectors = stage0.object_vectors(object_words(scene), table, self.tok)
-        elif self.config != "box-code":
+        if self.config not in ("plain", "box-code"):
             vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner)
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
-            for i, box in enumerate(boxes):
+            for i, box in enumerate(boxes if self.config == "box-code" else []):
                 v = vectors[i] / rms + 0.7 * self.box_code(list(box))
                 vectors[i] = v * rms / v.pow(2).mean().sqrt()
         return stage0.object_slots(vectors, self.slots, rms, rng, g)
