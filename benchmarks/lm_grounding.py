@@ -23,6 +23,8 @@ Configurations:
 - ``box-slots-coarse``: the same with the corner code at 0.25–1 cycles only (:data:`COARSE_FREQUENCIES`): nearly
   a linear function of the coordinate, which a vision tower whose queries already carry the box linearly (see
   ``nano-history.md``, "Position in the image tokens") could regress onto.
+- ``box-slots-light``: ``box-slots-coarse`` with 0.3 instead of 0.7 × the object's vector in its corner slots
+  (:data:`CORNER_TIE`): fewer copies of the attributes beside the object's own token.
 - ``plain``: the recipe's object tokens (one per object and the word, no box) in 16 slots, for the colour / shape
   scores of a bundle-like run's object-phase LM (its grounding scores are at chance by construction).
 - ``coded-coarse``: the ``box-slots-coarse`` tokens read by an object-phase LM whose number tokens already carry
@@ -70,7 +72,9 @@ Box = tuple[float, float, float, float]  # corners x1, y1, x2, y2 in 0-1
 CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
 CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height
 COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
-SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES}  # per slot config
+SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES,
+                    "box-slots-light": COARSE_FREQUENCIES}  # per slot config
+CORNER_TIE = {"box-slots-light": 0.3}  # weight of the object's vector in its corner slots (default 0.7)
 
 
 class CornerCode:
@@ -104,9 +108,9 @@ class CornerCode:
 
 
 def object_tokens(objects: list[list[str]], boxes: list[Box], table: torch.Tensor, tok: Tokenizer,
-                  code: CornerCode) -> torch.Tensor:
+                  code: CornerCode, tie: float = 0.7) -> torch.Tensor:
     """``[n + 4·len(boxes), C]``: ``stage0.object_vectors`` of ``objects`` (the first ``len(boxes)`` are the boxed
-    objects), then per box four corner slots — 0.7 × the object's vector + the embedding of "left" / "top" /
+    objects), then per box four corner slots — ``tie`` × the object's vector + the embedding of "left" / "top" /
     "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
     vectors = stage0.object_vectors(objects, table, tok)
     rms = table.float().pow(2).mean().sqrt()
@@ -114,7 +118,7 @@ def object_tokens(objects: list[list[str]], boxes: list[Box], table: torch.Tenso
     out = [vectors]
     for v, box in zip(vectors, boxes):
         for word, t in zip(corners, box):
-            slot = 0.7 * v / rms + word / word.pow(2).mean().sqrt() + code(t)
+            slot = tie * v / rms + word / word.pow(2).mean().sqrt() + code(t)
             out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
     return torch.cat(out)
 
@@ -176,7 +180,8 @@ class Coder:
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
         if self.config not in ("plain", "box-code"):
-            vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner)
+            vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner,
+                                    CORNER_TIE.get(self.config, 0.7))
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
             for i, box in enumerate(boxes if self.config == "box-code" else []):
