@@ -153,12 +153,10 @@ class Coder:
     def __init__(self, config: str, lm: PhiLM, tok: Tokenizer, seed: int = 1234):
         self.config, self.lm, self.tok = config, lm, tok
         hidden = lm.embed_tokens.weight.shape[1]
-        self.corner = CornerCode(hidden, seed, SLOT_FREQUENCIES.get(config, CORNER_FREQUENCIES))
-        if config == "plain":  # the recipe's object tokens without boxes (grounding at chance by construction)
-            self.slots = 16
-            return
-        if config == "coded-coarse":  # the run's object phase coded the number tokens already
-            self.corner, self.slots = CornerCode(hidden, seed, COARSE_FREQUENCIES), 32
+        self.corner = CornerCode(hidden, seed, COARSE_FREQUENCIES if config == "coded-coarse"
+                                 else SLOT_FREQUENCIES.get(config, CORNER_FREQUENCIES))
+        if config in ("plain", "coded-coarse"):  # no box code / the run's object phase coded the numbers already
+            self.slots = 16 if config == "plain" else 32
             return
         if config == "box-code":  # the four coordinates' sines / cosines at 0.5-8 cycles side by side, one map
             g = torch.Generator().manual_seed(seed)
@@ -184,9 +182,10 @@ class Coder:
                                     CORNER_TIE.get(self.config, 0.7))
         else:
             vectors = stage0.object_vectors(object_words(scene), table, self.tok)
-            for i, box in enumerate(boxes if self.config == "box-code" else []):
-                v = vectors[i] / rms + 0.7 * self.box_code(list(box))
-                vectors[i] = v * rms / v.pow(2).mean().sqrt()
+            if self.config == "box-code":
+                for i, box in enumerate(boxes):
+                    v = vectors[i] / rms + 0.7 * self.box_code(list(box))
+                    vectors[i] = v * rms / v.pow(2).mean().sqrt()
         return stage0.object_slots(vectors, self.slots, rms, rng, g)
 
 
@@ -208,12 +207,22 @@ def iou(a: list[int], b: list[int]) -> float:
     return ix * iy / union if union > 0 else 0.0
 
 
+def teacher_forced(coder: Coder, example, slots: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The LM's predicted and the true answer tokens (each predicted after the true ones before it) of one question
+    ``example`` (``stage0.qa_example``) about the object tokens ``slots [1, S, C]``."""
+    lm = coder.lm
+    b = build_batch([example], [slots], coder.tok, lm.embed_tokens, 0, 0)
+    pred = lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)[0, :-1].argmax(-1)
+    target = b.labels[0, 1:]
+    supervised = target != -100
+    return pred[supervised].tolist(), target[supervised].tolist()
+
+
 def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
     """Teacher-forced colour and shape questions (the whole answer right) about scenes of two or more objects, with
     a random generator of their own so that the grounding scores stay as they were."""
     from tinygptv.synth.text import questions
 
-    lm, tok = coder.lm, coder.tok
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     hits: dict[str, list[float]] = {"colour": [], "shape": []}
     for k in range(n):
@@ -223,13 +232,10 @@ def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
         if len(scene.objects) < 2 or not pool.get(kind):
             continue
         qa = rng.choice(pool[kind])
-        b = build_batch([stage0.qa_example([(qa.question, qa.answer)], rng, chat=1.0)],
-                        [coder.tokens(scene, rng, g)[None]], tok, lm.embed_tokens, 0, 0)
-        pred = lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)[0, :-1].argmax(-1)
-        target = b.labels[0, 1:]
-        supervised = target != -100
-        n_answer = len(tok.encode(qa.answer))
-        hits[kind].append(float(pred[supervised][:n_answer].tolist() == target[supervised][:n_answer].tolist()))
+        example = stage0.qa_example([(qa.question, qa.answer)], rng, chat=1.0)
+        got, want = teacher_forced(coder, example, coder.tokens(scene, rng, g)[None])
+        n_answer = len(coder.tok.encode(qa.answer))
+        hits[kind].append(float(got[:n_answer] == want[:n_answer]))
     return hits
 
 
@@ -251,12 +257,7 @@ def score(coder: Coder, n: int = 200, seed: int = 99) -> dict[str, float]:
         for kind, question, answer in (("refer", f"[refer] give me the location of {specs[0].text()}", box),
                                        ("identify", f"[identify] what object is in this location {box}",
                                         specs[0].text())):
-            b = build_batch([stage0.qa_example([(question, answer)], rng, chat=1.0)], [slots], tok,
-                            lm.embed_tokens, 0, 0)
-            pred = lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)[0, :-1].argmax(-1)
-            target = b.labels[0, 1:]
-            supervised = target != -100
-            got, want = pred[supervised].tolist(), target[supervised].tolist()
+            got, want = teacher_forced(coder, stage0.qa_example([(question, answer)], rng, chat=1.0), slots)
             if kind == "identify":
                 n_answer = len(tok.encode(answer))
                 right = float(got[:n_answer] == want[:n_answer])
@@ -330,11 +331,11 @@ def main() -> None:
     cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "colour", "shape")
     lines = ["# Grounding from ideal object tokens (stage-0 LM)", "",
              f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --steps {args.steps} --lr {args.lr} "
-             f"--grounding {args.grounding} --configs {args.configs} --stem {args.stem}` ({meta['threads']} threads, torch "
-             f"{meta['torch']}). Teacher-forced scores on 200 fresh scenes; `_one`: scenes of one object.", "",
+             f"--grounding {args.grounding} --configs {args.configs} --stem {args.stem}` ({meta['threads']} threads, "
+             f"torch {meta['torch']}). Teacher-forced scores on 200 fresh scenes; `_one`: scenes of one object.", "",
              "| config | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for config, rows in results.items():
-        lines += [f"| {config} | {r['step']} | " + " | ".join(f"{r[c]:.1f}" if c in r else "—" for c in cols) + " |" for r in rows]
+        lines += [f"| {config} | {r['step']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     (RESULTS / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
 
 
