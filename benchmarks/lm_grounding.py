@@ -26,10 +26,13 @@ Configurations:
 - ``box-slots-light``: ``box-slots-coarse`` with 0.3 instead of 0.7 × the object's vector in its corner slots
   (:data:`CORNER_TIE`): fewer copies of the attributes beside the object's own token.
 - ``plain``: the recipe's object tokens (one per object and the word, no box) in 16 slots, for the colour / shape
-  scores of a bundle-like run's object-phase LM (its grounding scores are at chance by construction).
+  scores of a bundle-like run's object-phase LM (its grounding scores are at chance by construction);
+  ``plain-32``: the same in 32 slots.
 - ``coded-coarse``: the ``box-slots-coarse`` tokens read by an object-phase LM whose number tokens already carry
   that code: the recipe of commit 1eb6592 (since reverted) trained its object phase on them; ``--steps 0`` scores
   such a run's ``lm-objects.safetensors`` as it is.
+- ``coded-light``: the same for the ``box-slots-light`` tokens, which the recipe's grounding phase trains on
+  (``--lm lm-grounding.safetensors --steps 0`` scores a run's grounding-phase LM as it is).
 
 ``--grounding`` of the scenes get two grounding questions (:func:`grounding_questions`: ``[refer] give me the
 location of <a unique attribute or place expression>`` → ``{<x1><y1><x2><y2>}``, or ``[identify] what object is
@@ -74,7 +77,7 @@ CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's 
 COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
 SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES,
                     "box-slots-light": COARSE_FREQUENCIES}  # per slot config
-CORNER_TIE = {"box-slots-light": 0.3}  # weight of the object's vector in its corner slots (default 0.7)
+CORNER_TIE = {"box-slots-light": 0.3, "coded-light": 0.3}  # weight of the object's vector in its corner slots (default 0.7)
 
 
 class CornerCode:
@@ -144,7 +147,9 @@ def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-CONFIGS = ("box-code", *SLOT_FREQUENCIES, "coded-coarse", "plain")
+CODED = ("coded-coarse", "coded-light")  # tokens of a run whose object-phase LM already carries the corner code
+PLAIN = {"plain": 16, "plain-32": 32}  # the recipe's object tokens without boxes, in this many slots
+CONFIGS = ("box-code", *SLOT_FREQUENCIES, *CODED, *PLAIN)
 
 
 class Coder:
@@ -153,10 +158,10 @@ class Coder:
     def __init__(self, config: str, lm: PhiLM, tok: Tokenizer, seed: int = 1234):
         self.config, self.lm, self.tok = config, lm, tok
         hidden = lm.embed_tokens.weight.shape[1]
-        self.corner = CornerCode(hidden, seed, COARSE_FREQUENCIES if config == "coded-coarse"
+        self.corner = CornerCode(hidden, seed, COARSE_FREQUENCIES if config in CODED
                                  else SLOT_FREQUENCIES.get(config, CORNER_FREQUENCIES))
-        if config in ("plain", "coded-coarse"):  # no box code / the run's object phase coded the numbers already
-            self.slots = 16 if config == "plain" else 32
+        if config in PLAIN or config in CODED:  # no box code / the run's object phase coded the numbers already
+            self.slots = PLAIN.get(config, 32)
             return
         if config == "box-code":  # the four coordinates' sines / cosines at 0.5-8 cycles side by side, one map
             g = torch.Generator().manual_seed(seed)
@@ -177,7 +182,7 @@ class Coder:
         table = self.lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         boxes = object_boxes(scene)
-        if self.config not in ("plain", "box-code"):
+        if self.config not in PLAIN and self.config != "box-code":
             vectors = object_tokens(object_words(scene), boxes, table, self.tok, self.corner,
                                     CORNER_TIE.get(self.config, 0.7))
         else:
@@ -276,13 +281,13 @@ def score(coder: Coder, n: int = 200, seed: int = 99) -> dict[str, float]:
 
 
 def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, grounding: float,
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, lm_file: str = "lm-objects.safetensors", n: int = 200) -> list[dict]:
     tok = Tokenizer.from_folder(run / "stage0" / "tokenizer")
     cfg = nano_config(tok.vocab_size)
     lm = PhiLM(replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0))
-    lm.load_state_dict(load_file(str(run / "stage0" / "lm-objects.safetensors")))
+    lm.load_state_dict(load_file(str(run / "stage0" / lm_file)))
     coder = Coder(config, lm, tok)
-    rows = [{"step": 0, **score(coder)}]
+    rows = [{"step": 0, **score(coder, n)}]
     print(config, rows[-1], flush=True)
     if not steps:
         return rows
@@ -311,7 +316,7 @@ def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, g
         text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
         opt.update(objects + text, step, objects=objects, text=text)
         if (step + 1) % every == 0 or step + 1 == steps:
-            rows.append({"step": step + 1, "seconds": round(time.perf_counter() - t0), **score(coder)})
+            rows.append({"step": step + 1, "seconds": round(time.perf_counter() - t0), **score(coder, n)})
             print(config, rows[-1], flush=True)
     return rows
 
@@ -319,20 +324,24 @@ def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, g
 def main() -> None:
     ap = experiment_parser(__doc__, 600, CONFIGS, "lm-grounding")
     ap.add_argument("--grounding", type=float, default=0.5, help="share of scenes with two grounding questions")
+    ap.add_argument("--lm", default="lm-objects.safetensors", help="the run's stage-0 LM file to start from")
+    ap.add_argument("--scenes", type=int, default=200, help="fresh scenes per score (each for grounding and attributes)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    results = {c: train_and_score(c, Path(args.run), args.steps, args.every, args.lr, args.grounding)
+    results = {c: train_and_score(c, Path(args.run), args.steps, args.every, args.lr, args.grounding, lm_file=args.lm,
+                                  n=args.scenes)
                for c in args.configs.split(",")}
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "run": args.run, "steps": args.steps, "lr": args.lr,
-            "grounding": args.grounding}
+            "grounding": args.grounding, "lm": args.lm, "scenes": args.scenes}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "colour", "shape")
     lines = ["# Grounding from ideal object tokens (stage-0 LM)", "",
-             f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --steps {args.steps} --lr {args.lr} "
-             f"--grounding {args.grounding} --configs {args.configs} --stem {args.stem}` ({meta['threads']} threads, "
-             f"torch {meta['torch']}). Teacher-forced scores on 200 fresh scenes; `_one`: scenes of one object.", "",
+             f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --lm {args.lm} --steps {args.steps} --lr {args.lr} "
+             f"--grounding {args.grounding} --scenes {args.scenes} --configs {args.configs} --stem {args.stem}` "
+             f"({meta['threads']} threads, torch {meta['torch']}). Teacher-forced scores on {args.scenes} fresh scenes "
+             "(colour / shape: those of two or more objects); `_one`: scenes of one object.", "",
              "| config | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for config, rows in results.items():
         lines += [f"| {config} | {r['step']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]

@@ -5,9 +5,8 @@
 2. **Language model**: a plain Phi decoder (no QK-norm, no post-attention RMSNorm, no LoRA — like the public
    Phi-2) pretrained as a causal LM on the world's text and on scene documents (a description, then questions it
    answers), so that, like Phi-2, it can answer from what precedes a question; then on *object tokens* — one
-   input vector per object, the sum of the embeddings of its words (size, colour, shape, place), plus four slots
-   holding its box's corner coordinates (:func:`object_tokens`), in 32 slots like the Q-Former's queries —
-   followed by questions about them, grounding ones included, or a description (:func:`pretrain_lm_objects`).
+   input vector per object, the sum of the embeddings of its words (size, colour, shape, place), in 16 slots like
+   the Q-Former's queries — followed by questions about them or a description (:func:`pretrain_lm_objects`).
    Phi-2 arrives able to look things up in its context; a nano LM trained on text alone does not learn to: it
    answers colour / shape questions about several objects at the level of a guess among the attributes present,
    also from ideal object tokens, unless the questions first end with their key (``benchmarks/lm_binding.py``).
@@ -22,8 +21,7 @@
    shapes, the number of objects, the word, and one-hop retrievals ("the star's colour", "the red one's shape").
    In the same loop the projected queries are regressed onto the scene's object tokens (each object matched to
    its nearest query, :func:`object_match_loss`) and the frozen LM answers questions from them, so that the tower
-   hands over tokens the LM has learnt to read; a head on each matched query predicts its object's box, so that
-   the queries say where things are (:meth:`AuxHeads.box_loss`).
+   hands over tokens the LM has learnt to read.
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
    the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0, fresh random
    projections (§1.4) — then frozen by the paper's stages. One deliberate difference: the second projection
@@ -146,11 +144,10 @@ def sample_windows(data: torch.Tensor, starts: torch.Tensor, n: int, seq_len: in
     return torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
 
 
-# (rng, key_last) -> (the words of each object of a fresh scene and of its rendered word, each object's box as
-# corners (x1, y1, x2, y2) in 0-1, questions about it with their answers, a description of it); with ``key_last``
-# the colour / shape questions end with their key (``tinygptv.synth.text.keyed_last``)
-Corners = tuple[float, float, float, float]
-ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[Corners], list[tuple[str, str]], str]]
+# (rng, key_last) -> (the words of each object of a fresh scene, questions about it with their answers, a
+# description of it); with ``key_last`` the colour / shape questions end with their key
+# (``tinygptv.synth.text.keyed_last``)
+ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[tuple[str, str]], str]]
 OBJECT_SLOTS_EMPTY = 0.1  # RMS of an empty slot relative to a token embedding (the tower learns to output ~0 there)
 
 
@@ -170,72 +167,6 @@ def object_vectors(objects: list[list[str]], table: torch.Tensor, tok: Tokenizer
         v = torch.stack([table[tok.encode(text_of(w))].float().mean(0) for w in words]).sum(0)
         out.append(v * rms / v.pow(2).mean().sqrt())
     return torch.stack(out)
-
-
-CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
-# cycles over the image's width / height: coarse, so that the code is nearly a linear function of the coordinate,
-# which the tower's queries (trained to carry their object's box linearly, :meth:`AuxHeads.box_loss`) can produce
-CORNER_FREQUENCIES = (0.25, 0.5, 1.0)
-# weight of the object's own vector in its corner slots (which object a corner belongs to); measured on ideal tokens
-# (``benchmarks/lm_grounding.py``, ``lm-grounding-tie.md``): colour 89.9 % with 0.3, 83.5 % with 0.7 after 800
-# grounding steps, within the scores' spread, refer 38 / 43 %
-CORNER_TIE = 0.3
-
-
-class CornerCode:
-    """A box coordinate (0–1) as a unit-RMS ``[C]`` vector: its sine and cosine at ``frequencies`` (default
-    :data:`CORNER_FREQUENCIES`) through a fixed random orthonormal map (drawn from ``seed``) into the LM's
-    embedding space.
-
-    Object tokens give every object four *corner slots*, one per coordinate of its box, and the number tokens
-    0–100 carry the code of their value (:meth:`code_numbers_`), so that answering ``[refer]`` with
-    ``{<x1><y1><x2><y2>}`` is, per number, a lookup of the object's corner slot and a copy. Measured on ideal object
-    tokens (``benchmarks/lm_grounding.py``: a recipe run's object-phase LM continued with grounding questions for
-    800 steps): refer Acc@0.5 43 % and identify 63 % with these frequencies, 68.5 % / 51.5 % with 0.5–16 cycles; the
-    box as one code added to the object's single token reached 11 % after 600 steps.
-    """
-
-    def __init__(self, hidden: int, seed: int = 1234, frequencies: tuple[float, ...] = CORNER_FREQUENCIES):
-        g = torch.Generator().manual_seed(seed)
-        self.freqs = torch.tensor(frequencies)
-        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(frequencies), generator=g))[0]
-
-    def __call__(self, t: float) -> torch.Tensor:
-        angle = 2 * math.pi * t * self.freqs
-        v = self.map @ torch.cat([angle.sin(), angle.cos()])
-        return v / v.pow(2).mean().sqrt()
-
-    @torch.no_grad()
-    def code_numbers_(self, lm: PhiLM, tok: Tokenizer) -> None:
-        """Add to the input and output embedding rows of every single-token number 0–100 the code of its value
-        (value / 100), at the row's own RMS."""
-        for n in range(101):
-            ids = tok.encode(str(n))
-            if len(ids) == 1:
-                for table in (lm.embed_tokens.weight, lm.lm_head.weight):
-                    table[ids[0]] += self(n / 100).to(table.dtype) * table[ids[0]].float().pow(2).mean().sqrt()
-
-
-def object_tokens(objects: list[list[str]], boxes: list[Corners], table: torch.Tensor, tok: Tokenizer,
-                  code: CornerCode) -> torch.Tensor:
-    """``[n + 4·len(boxes), C]``: :func:`object_vectors` of ``objects`` (the first ``len(boxes)`` are the boxed
-    objects), then per box four corner slots — :data:`CORNER_TIE` × the object's vector + the embedding of "left" / "top" /
-    "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
-    vectors = object_vectors(objects, table, tok)
-    rms = table.float().pow(2).mean().sqrt()
-    corners = [table[tok.encode(w)].float().mean(0) for w in CORNER_WORDS]
-    out = [vectors]
-    for v, box in zip(vectors, boxes):
-        for word, t in zip(corners, box):
-            slot = CORNER_TIE * v / rms + word / word.pow(2).mean().sqrt() + code(t)
-            out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
-    return torch.cat(out)
-
-
-def token_boxes(objects: list[list[str]], boxes: list[Corners]) -> list[Corners | None]:
-    """The box each of :func:`object_tokens`' tokens belongs to: the boxed objects' own, ``None`` for the other
-    things (the rendered word), then each boxed object's box for its four corner slots."""
-    return [*boxes, *[None] * (len(objects) - len(boxes)), *[b for b in boxes for _ in CORNER_WORDS]]
 
 
 def object_slots(vectors: torch.Tensor, n_slots: int, rms: torch.Tensor, rng: random.Random,
@@ -259,8 +190,7 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 
     if rng.random() < chat:
         template = get_template(rng.choice(("stage3", "stage4", "eval")))
-        asked = [q if template.name != "stage4" or q.startswith("[") or rng.random() < 0.5 else f"[vqa] {q}"
-                 for q, _ in qas]
+        asked = [q if template.name != "stage4" or rng.random() < 0.5 else f"[vqa] {q}" for q, _ in qas]
         asked[0] = template.instruction(asked[0], True)
         return multi_turn(template, asked, [a for _, a in qas])
     targets = []
@@ -271,7 +201,7 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 
 def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], lines: list[str],
                         scenes: ObjectFn, steps: int, batch: int = 24, text_batch: int = 8, lr: float = 2e-3,
-                        key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25, boxes: bool = False,
+                        key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25,
                         seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
     """Continue the stage-0 LM on object tokens (:func:`object_slots`), as it will read them from the vision
     tower: questions about them (:func:`qa_example`), or for ``describe`` of the scenes their description right
@@ -281,22 +211,16 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     For the first ``key_last`` of the steps the colour / shape questions end with their key: a LM reading ideal
     object tokens learns to answer them as asked only after that (``benchmarks/lm_binding.py``: 600 steps, colour
     97 / 100 / 95 % and shape 94 / 98 / 90 % with 2 / 3 / 4 objects; without it, a guess among the attributes
-    present). With ``boxes`` every object also has four corner slots (:func:`object_tokens`), and the number tokens
-    get the :class:`CornerCode` of their value before training, so that ``[refer]`` / ``[identify]`` questions
-    about the object tokens can be answered (the recipe's grounding phase, after a phase without). Returns the new
-    state dict.
+    present). Returns the new state dict.
     """
     torch.manual_seed(seed)
     plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
     lm = PhiLM(plain)
     lm.load_state_dict(lm_state)
-    code = CornerCode(plain.hidden)
-    if boxes:
-        code.code_numbers_(lm, tok)
     seq_len = 128
     data, starts = line_windows(tok, lines, seq_len)
-    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM " + ("grounding" if boxes else "objects"))
-    rng = random.Random(f"objects-{seed}" + ("-boxes" if boxes else ""))
+    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM objects")
+    rng = random.Random(f"objects-{seed}")
     g = torch.Generator().manual_seed(seed)
     n_slots = cfg.qformer.num_queries
     lm.train()
@@ -305,10 +229,9 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
         table = lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         items = [scenes(rng, step < key_last * steps) for _ in range(batch)]
-        prefixes = [object_slots(object_tokens(objs, corners if boxes else [], table, tok, code), n_slots, rms, rng,
-                                 g)[None] for objs, corners, _, _ in items]
+        prefixes = [object_slots(object_vectors(objs, table, tok), n_slots, rms, rng, g)[None] for objs, _, _ in items]
         examples = [Example(None, [(text + "\n", True)]) if rng.random() < describe else qa_example(qas, rng, chat)
-                    for _, _, qas, text in items]
+                    for _, qas, text in items]
         b = build_batch(examples, prefixes, tok, lm.embed_tokens, 0, 0, max_txt_len=96)
         x = sample_windows(data, starts, text_batch, seq_len, g)
         with autocast:
@@ -352,30 +275,20 @@ class AuxHeads(torch.nn.Module):
     def __init__(self, width: int, q_dim: int, n_queries: int, n: dict[str, int], grid: int):
         super().__init__()
         self.n, self.grid = n, grid
-        # per patch: colour / shape / size of the object there, the word or not, and that object's box
-        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2 + 4)
+        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
         self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
         # retrieval: a key (a colour or a shape) attends over the queries, the pooled query names the other one
         self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"], q_dim)
         self.bind_q = torch.nn.Linear(q_dim, q_dim)
         self.bind_out = torch.nn.Linear(q_dim, n["colour"] + n["shape"])
-        self.box = torch.nn.Linear(q_dim, 4)  # a matched query's object box [x1, y1, x2, y2] / image size
 
     def patch_loss(self, feats: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """Per ViT patch: colour / shape / size of the object there, whether the word is, and where the object
-        there is (its box, L1 in units of the image size, weighted by :data:`BOX_WEIGHT`; patches outside objects
-        have none). Without the box the patch features need not say where they are, and the Q-Former, whose
-        cross-attention does not see which patch a feature came from, hands the LM no position at all."""
+        """Per ViT patch: colour / shape / size of the object there, and whether the word is."""
         n = self.n
-        out = self.patch(feats[:, 1:].float())  # [B, g², …]
-        splits = [n["colour"], n["shape"], n["size"], 2, 4]
-        *heads, box = out.split(splits, -1)
-        inside = torch.stack([t["patch"]["colour"] for t in targets]) > 0  # [B, g²]
+        patch_logits = self.patch(feats[:, 1:].float())  # [B, g², …]
+        splits = [n["colour"], n["shape"], n["size"], 2]
         loss = 0.0
-        if inside.any():
-            truth = torch.stack([t["patch"]["box"] for t in targets])  # [B, g², 4]
-            loss = BOX_WEIGHT * (torch.sigmoid(box[inside]) - truth[inside]).abs().mean()
-        for logits, key in zip(heads, ("colour", "shape", "size", "word")):
+        for logits, key in zip(patch_logits.split(splits, -1), ("colour", "shape", "size", "word")):
             tgt = torch.stack([t["patch"][key] for t in targets])  # [B, g²]
             if tgt.shape[1] != logits.shape[1]:  # other resolution: targets are per input patch, recomputed
                 raise ValueError("dense targets do not match the patch grid")
@@ -410,21 +323,6 @@ class AuxHeads(torch.nn.Module):
         attn = torch.softmax(torch.einsum("pqh,ph->pq", out, probe) / out.shape[-1] ** 0.5, dim=-1)
         return F.cross_entropy(self.bind_out(torch.einsum("pq,pqh->ph", attn, out)), label)
 
-    def box_loss(self, queries: torch.Tensor, matches: list[list[tuple[int, int]]],
-                 boxes: list[list[Corners | None]]) -> torch.Tensor:
-        """Where each object is, read from the query it was matched to (:func:`object_match_loss`): the L1 error of
-        its box corners in units of the image's width / height. Without it the queries carry no position at all
-        (measured on the bundle of d2a379d, single-object scenes at 128 px: ridge or MLP probes on all 16 queries
-        predict the box no better than the mean box, Acc@0.5 2 %, while an MLP on the ViT patches reaches 72 %):
-        the Q-Former's cross-attention does not see which patch a feature came from unless the feature says so."""
-        rows = [(b, q, bx[i]) for b, (pairs, bx) in enumerate(zip(matches, boxes)) for q, i in pairs
-                if bx[i] is not None]
-        if not rows:
-            return queries.sum() * 0.0
-        b, q, box = zip(*rows)
-        pred = torch.sigmoid(self.box(queries.float()[torch.tensor(b), torch.tensor(q)]))  # [P, 4]
-        return (pred - torch.tensor(box, dtype=pred.dtype)).abs().mean()
-
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
@@ -455,7 +353,6 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     autocast = _autocast(amp)
     table = model.lm.embed_tokens.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
-    code = CornerCode(table.shape[1])
     shown: dict = {}
     for step in opt:
         size = sizes[step % len(sizes)]
@@ -472,49 +369,39 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         targets = [t for _, _, t in items]
         loss = caption + heads.loss(feats, queries, targets)
         if "objects" in targets[0]:  # image tokens as the object tokens the LM was taught to read
-            wanted = [object_tokens(t["objects"], t["boxes"], table, tok, code) for t in targets]
-            match, matches = object_match_loss(emb, wanted, rms)
-            box = heads.box_loss(queries, matches, [token_boxes(t["objects"], t["boxes"]) for t in targets])
+            match = object_match_loss(emb, [object_vectors(t["objects"], table, tok) for t in targets], rms)
             qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets], [e[None] for e in emb],
                                    tok, model.lm.embed_tokens, 0, 0)
             with autocast:
                 qa_logits = model.lm(inputs_embeds=qa_batch.inputs_embeds, attention_mask=qa_batch.attention_mask)
             qa = causal_lm_loss(qa_logits, qa_batch.labels)
-            loss = loss + match + qa + BOX_WEIGHT * box
-            shown = {"match": match, "qa": qa, "box": box}
+            loss = loss + match + qa
+            shown = {"match": match, "qa": qa}
         opt.update(loss, step, caption=caption, total=loss, size=size, **shown)
     log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
 
 
-BOX_WEIGHT = 10.0  # of :meth:`AuxHeads.box_loss` in the vision loop (an L1 error of ~0.03 then costs ~0.3)
-
-
-def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor],
-                      rms: torch.Tensor) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor], rms: torch.Tensor) -> torch.Tensor:
     """Regression of the image tokens ``emb [B, Q, C]`` onto each image's object vectors ``[n, C]``
     (:func:`object_vectors`), DETR-style: every object is matched to the query token nearest to it (greedily,
     nearest pair first), the unmatched tokens are pulled towards 0 (an empty slot) with weight 0.1. Mean squared
-    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image. Returns the
-    loss and, per image, the matched ``(query, object)`` index pairs."""
+    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image."""
     total = emb.new_zeros((), dtype=torch.float32)
-    pairs: list[list[tuple[int, int]]] = []
     for e, targets in zip(emb.float(), objects):
         if len(targets) >= len(e):
             raise ValueError(f"{len(targets)} objects for {len(e)} image tokens: the matching needs fewer objects")
         cost = (e[:, None] - targets[None]).pow(2).mean(-1) / rms ** 2  # [Q, n]
         free = cost.detach().clone()
         rest = torch.ones(len(e), dtype=torch.bool, device=e.device)
-        matched, pairs_here = [], []
+        matched = []
         for _ in range(len(targets)):
             q, n = divmod(int(free.argmin()), free.shape[1])
             matched.append(cost[q, n])
-            pairs_here.append((q, n))
             free[q, :], free[:, n], rest[q] = float("inf"), float("inf"), False
-        pairs.append(pairs_here)
         total = total + torch.stack(matched).mean() + 0.1 * (e[rest].pow(2).mean() / rms ** 2)
-    return total / len(objects), pairs
+    return total / len(objects)
 
 
 def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: random.Random, steps: int,
@@ -554,13 +441,13 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     """
     W, H = size_wh
 
-    def at(x: float, y: float) -> tuple[int, int, int, tuple[float, float, float, float]]:
+    def at(x: float, y: float) -> tuple[int, int, int]:
         for (bx, by, bw, bh), c, s, z in objects:
             if bx <= x < bx + bw and by <= y < by + bh:
-                return c, s, z, (bx / W, by / H, (bx + bw) / W, (by + bh) / H)
-        return 0, 0, 0, (0.0, 0.0, 0.0, 0.0)
+                return c, s, z
+        return 0, 0, 0
 
-    def labels(g: int) -> list[tuple[int, int, int, tuple[float, float, float, float]]]:
+    def labels(g: int) -> list[tuple[int, int, int]]:
         return [at((j + 0.5) * W / g, (i + 0.5) * H / g) for i in range(g) for j in range(g)]
 
     cells = labels(grid)
@@ -574,11 +461,10 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     # (is the key a shape, key id, label id): "the star is …" → its colour, "the red one is …" → its shape
     bind = [(True, sh, c) for c, sh in zip(colours, shapes) if shapes.count(sh) == 1]
     bind += [(False, c, sh) for c, sh in zip(colours, shapes) if colours.count(c) == 1]
-    return {"patch": {"colour": torch.tensor([c[0] for c in cells]), "shape": torch.tensor([c[1] for c in cells]),
-                      "size": torch.tensor([c[2] for c in cells]), "word": torch.tensor(in_word),
-                      "box": torch.tensor([c[3] for c in cells])},
-            "grid_colour": torch.tensor([c[0] for c in coarse]),
-            "grid_shape": torch.tensor([c[1] for c in coarse]),
+    return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
+                      "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
+            "grid_colour": torch.tensor([c for c, _, _ in coarse]),
+            "grid_shape": torch.tensor([s for _, s, _ in coarse]),
             "count": min(len(objects), 4), "word": word, "bind": bind}
 
 
