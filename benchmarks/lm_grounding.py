@@ -77,7 +77,8 @@ CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's 
 COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
 SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES,
                     "box-slots-light": COARSE_FREQUENCIES}  # per slot config
-CORNER_TIE = {"box-slots-light": 0.3, "coded-light": 0.3}  # weight of the object's vector in its corner slots (default 0.7)
+# weight of the object's vector in its corner slots (default 0.7)
+CORNER_TIE = {"box-slots-light": 0.3, "coded-light": 0.3}
 
 
 class CornerCode:
@@ -338,7 +339,8 @@ def main() -> None:
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "colour", "shape")
     lines = ["# Grounding from ideal object tokens (stage-0 LM)", "",
-             f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --lm {args.lm} --steps {args.steps} --lr {args.lr} "
+             f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --lm {args.lm} --steps {args.steps} "
+             f"--every {args.every} --lr {args.lr} "
              f"--grounding {args.grounding} --scenes {args.scenes} --configs {args.configs} --stem {args.stem}` "
              f"({meta['threads']} threads, torch {meta['torch']}). Teacher-forced scores on {args.scenes} fresh scenes "
              "(colour / shape: those of two or more objects); `_one`: scenes of one object.", "",
