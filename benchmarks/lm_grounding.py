@@ -326,7 +326,7 @@ def main() -> None:
     ap = experiment_parser(__doc__, 600, CONFIGS, "lm-grounding")
     ap.add_argument("--grounding", type=float, default=0.5, help="share of scenes with two grounding questions")
     ap.add_argument("--lm", default="lm-objects.safetensors", help="the run's stage-0 LM file to start from")
-    ap.add_argument("--scenes", type=int, default=200, help="fresh scenes per score (each for grounding and attributes)")
+    ap.add_argument("--scenes", type=int, default=200, help="fresh scenes per score (grounding, attributes)")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = {c: train_and_score(c, Path(args.run), args.steps, args.every, args.lr, args.grounding, lm_file=args.lm,
