@@ -42,8 +42,11 @@ refer Acc@0.5 (IoU of the predicted box with the true one), the share of the fou
 and identify (the whole expression right), over all scenes and over scenes of one object; and colour / shape
 questions about scenes of two or more objects (the whole answer right).
 
-Usage: ``python benchmarks/lm_grounding.py --run runs/nano [--steps 600] [--configs box-code,box-slots]`` after
-``tinygptv train --recipe nano --output runs/nano``; writes ``benchmarks/results/<stem>.{md,json}``.
+Usage: ``python benchmarks/lm_grounding.py --run runs/nano [--lm lm-objects.safetensors] [--steps 600]
+[--scenes 200] [--configs box-code,box-slots]`` after ``tinygptv train --recipe nano --output runs/nano``; writes
+``benchmarks/results/<stem>.{md,json}``. ``--lm`` picks the run's stage-0 LM file, ``--scenes`` the number of fresh
+scenes per score (200: some 70–90 colour and shape questions each, whose scores vary by several points between
+draws; 600 gives about 250).
 """
 
 from __future__ import annotations
