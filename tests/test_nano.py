@@ -204,6 +204,38 @@ def test_object_tokens_and_their_matching_loss():
     assert moved.grad.abs().sum() > 0
 
 
+def test_stage0_base_keeps_or_redraws_the_projection(tmp_path):
+    """``assemble_base`` takes stage 0's projection when given one (every tensor, loaded back exactly) and otherwise
+    draws a fresh one, as the official stage 1 starts; the frozen parts are the ones handed in either way."""
+    from dataclasses import replace
+
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.nano.recipe import nano_config
+    from tinygptv.nano.stage0 import assemble_base, train_tokenizer
+    from tinygptv.weights.common import WeightImportError
+
+    tok = train_tokenizer(["a small red cross on the left", "a large blue star at the top"] * 20, 300,
+                          tmp_path / "tok")
+    cfg = nano_config(tok.vocab_size)
+    torch.manual_seed(0)
+    plain = TinyGPTV(replace(cfg, lm=replace(cfg.lm, qk_norm=False, post_attn_norm=False),
+                             lora=replace(cfg.lora, r=0)))
+    parts = [{k: v.detach().clone() for k, v in m.state_dict().items()}
+             for m in (plain.lm, plain.vision, plain.qformer, plain.projector)]
+    for p in parts[3].values():
+        p.normal_()  # unlike any fresh draw
+    kept = tinygptv.load(assemble_base(cfg, tok, *parts[:3], tmp_path / "kept", projector_state=parts[3]))
+    fresh = tinygptv.load(assemble_base(cfg, tok, *parts[:3], tmp_path / "fresh"))
+    for name, value in parts[3].items():
+        assert torch.equal(kept.projector.state_dict()[name], value)
+        assert not torch.equal(fresh.projector.state_dict()[name], value)
+    for model in (kept, fresh):
+        assert torch.equal(model.qformer.state_dict()["query_tokens"], parts[2]["query_tokens"])
+    with pytest.raises(WeightImportError, match=r"missing \(1\): projector\.proj2\.bias"):  # refused, named
+        assemble_base(cfg, tok, *parts[:3], tmp_path / "bad",
+                      projector_state={k: v for k, v in parts[3].items() if not k.endswith("proj2.bias")})
+
+
 def test_keyed_last_moves_the_key_to_the_end():
     from tinygptv.synth.text import keyed_last
 

@@ -326,11 +326,12 @@ class AuxHeads(torch.nn.Module):
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
-                    seed: int = 0, vit_steps: int = 0, amp: str = "auto") -> tuple[dict, dict]:
-    """Train ViT + Q-Former (+ a temporary projection) through the frozen plain LM on (image, text) pairs.
+                    seed: int = 0, vit_steps: int = 0, amp: str = "auto") -> tuple[dict, dict, dict]:
+    """Train ViT + Q-Former + the projection through the frozen plain LM on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
-    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision`` and Q-Former state dicts.
+    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision``, Q-Former and projection
+    state dicts.
     """
     torch.manual_seed(seed)
     plain = replace(cfg, lm=replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0),
@@ -380,7 +381,8 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         opt.update(loss, step, caption=caption, total=loss, size=size, **shown)
     log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
-            {k: v.detach().clone() for k, v in model.qformer.state_dict().items()})
+            {k: v.detach().clone() for k, v in model.qformer.state_dict().items()},
+            {k: v.detach().clone() for k, v in model.projector.state_dict().items()})
 
 
 def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor], rms: torch.Tensor) -> torch.Tensor:
@@ -469,18 +471,24 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
 
 
 def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state: dict, qformer_state: dict,
-                  out: Path, seed: int = 0) -> Path:
-    """The TinyGPT-V base checkpoint from the stage-0 parts, assembled like an official import."""
+                  out: Path, seed: int = 0, projector_state: dict | None = None) -> Path:
+    """The TinyGPT-V base checkpoint from the stage-0 parts, assembled like an official import.
+
+    Without ``projector_state`` the projection starts random, as the official stage 1 does (reference §1.4);
+    with it, from stage 0's, as the paper describes its first projection (taken from a pretrained MiniGPT-4).
+    """
     with torch.device("meta"):
         model = TinyGPTV(cfg)
     report = ImportReport(source="stage 0")
     assign_tensors(model.vision, vision_state, report, prefix="vision.")
     assign_tensors(model.qformer, qformer_state, report, prefix="qformer.")
     assign_tensors(model.lm, lm_state, report, absent_ok=PHI_ABSENT_OK, prefix="lm.")
-    assign_tensors(model.projector, {}, report, absent_ok=[r".*"], prefix="projector.")
+    assign_tensors(model.projector, projector_state or {}, report,
+                   absent_ok=[] if projector_state else [r".*"], prefix="projector.")
     report.raise_if_bad()
     init_missing(model, seed)
-    match_embedding_scale(model, seed)
+    if not projector_state:
+        match_embedding_scale(model, seed)
     model.tokenizer = tok
     model.template = get_template("stage4")
     return tinygptv.save(model, out)
