@@ -11,8 +11,8 @@
    answers colour / shape questions about several objects at the level of a guess among the attributes present,
    also from ideal object tokens, unless the questions first end with their key (``benchmarks/lm_binding.py``).
 3. **Vision tower**: first the ViT alone on per-patch labels (cheap steps: a from-scratch ViT needs thousands of
-   them to tell shapes apart), then ViT + Q-Former (+ a throw-away projection) trained BLIP-2-style through the *frozen*
-   pretrained LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
+   them to tell shapes apart), then ViT + Q-Former (+ a projection) trained BLIP-2-style through the *frozen* pretrained
+   LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
    embedding is stored at the stage-1–3 grid and upsampled bicubically for stage-4 images, exactly what
    ``set_image_size`` does later). The caption loss alone lets the Q-Former collapse to an image-independent
    "soft prompt" (measured: equal loss with shuffled images), so, like the supervised pretraining of real vision
@@ -28,7 +28,8 @@
    starts from a Gaussian scaled so image embeddings have the RMS of the LM's token embeddings, as the paper
    describes ("second layer initialised from a Gaussian"); with PyTorch's default init (upstream's code) the
    image tokens of the nano model come out ~12x larger than text tokens, their gradients ~10x smaller, and the
-   LM learns to ignore them (measured: equal loss with shuffled images).
+   LM learns to ignore them (measured: equal loss with shuffled images). ``assemble_base`` can instead keep the
+   projection stage 0 trained the tower through (``recipe.STAGE0_PROJECTOR``, off: measured no better).
 """
 
 from __future__ import annotations
