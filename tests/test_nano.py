@@ -16,8 +16,8 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
     summary = run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
     amp = summary["amp"]
     assert amp in ("none", "bf16")  # "auto" is resolved once for the whole run
-    assert set(summary["timings_s"]) >= {"synth", "stage0_lm", "stage0_lm_objects", "stage0_vision", "stage1",
-                                         "stage2", "stage3", "stage4"}
+    assert set(summary["timings_s"]) >= {"synth", "stage0_lm", "stage0_lm_objects", "stage0_lm_grounding",
+                                         "stage0_vision", "stage1", "stage2", "stage3", "stage4"}
     for stage in ("stage1", "stage2", "stage3", "stage4"):
         assert (out / stage / "loss_curve.png").is_file()
         assert (out / stage / "metrics.jsonl").read_text().strip()
@@ -37,7 +37,7 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
 
     shutil.rmtree(out / "stage0" / "base")
     third = run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
-    for name in ("stage0_lm", "stage0_lm_objects"):
+    for name in ("stage0_lm", "stage0_lm_objects", "stage0_lm_grounding"):
         assert third["step_times_s"][name] == summary["step_times_s"][name]
     from tinygptv.nano.report import write_report
     from tinygptv.system import cpu_name
@@ -105,6 +105,10 @@ def test_stage0_retrieval_targets_and_head():
     objects = [(box, 1, 2, 1), (box, 1, 3, 1), (box, 2, 2, 1)]
     t = dense_targets(objects, None, 0, (64, 64), 8)
     assert sorted(t["bind"]) == [(False, 2, 2), (True, 3, 1)]  # shape 2 and colour 1 are ambiguous keys
+    # per patch, the box of the object there (units of the image size), zeros outside objects
+    assert t["patch"]["box"].shape == (64, 4)
+    assert torch.allclose(t["patch"]["box"][0], torch.tensor([0.0, 0.0, 10 / 64, 10 / 64]))
+    assert t["patch"]["box"][63].abs().sum() == 0 and t["patch"]["colour"][63] == 0
     n = {"colour": 4, "shape": 4, "size": 3, "word": 2}
     torch.manual_seed(0)
     heads = AuxHeads(8, 8, 4, n, 2)
@@ -123,6 +127,33 @@ def test_stage0_retrieval_targets_and_head():
         opt.step()
     assert loss.item() < 0.1 * first.item()
     assert heads.bind_loss(queries, [{"bind": []}]).item() == 0.0
+
+
+def test_stage0_box_head_reads_matched_queries():
+    """The box head reads each object's box from the query it was matched to, and only from that one; tokens
+    without a box (the rendered word) give no box loss; corner slots carry their object's box."""
+    import torch
+
+    from tinygptv.nano.stage0 import AuxHeads, token_boxes
+
+    torch.manual_seed(0)
+    heads = AuxHeads(8, 8, 5, {"colour": 2, "shape": 2, "size": 2, "word": 2}, 2)
+    boxes = [[(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.8), None]]
+    queries = torch.randn(1, 5, 8, requires_grad=True)
+    matches = [[(3, 0), (1, 1), (4, 2)]]
+    first = heads.box_loss(queries, matches, boxes)
+    first.backward()
+    assert queries.grad[0, [0, 2]].abs().sum() == 0 and queries.grad[0, [1, 3]].abs().sum() > 0
+    opt = torch.optim.Adam(heads.parameters(), 0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = heads.box_loss(queries.detach(), matches, boxes)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02 < first.item()
+    assert heads.box_loss(queries, [[]], boxes).item() == 0.0
+    a, b = (0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.8)
+    assert token_boxes([["red", "star"], ["blue", "cube"], ["hi", "word"]], [a, b]) == [a, b, None] + [a] * 4 + [b] * 4
 
 
 def test_stage0_lm_windows_start_at_line_starts():
@@ -196,11 +227,12 @@ def test_object_tokens_and_their_matching_loss():
 
     emb = torch.zeros(1, 8, 16)
     emb[0, 5], emb[0, 2] = vecs[0], vecs[1]
-    assert object_match_loss(emb, [vecs], rms).item() < 1e-6
+    loss, pairs = object_match_loss(emb, [vecs], rms)
+    assert loss.item() < 1e-6 and sorted(pairs[0]) == [(2, 1), (5, 0)]
     emb[0, 0] = vecs[0]  # a second token on an object: pulled towards an empty slot
-    assert object_match_loss(emb, [vecs], rms).item() > 0.01
+    assert object_match_loss(emb, [vecs], rms)[0].item() > 0.01
     moved = (emb + 0.1 * torch.randn(1, 8, 16)).requires_grad_()
-    object_match_loss(moved, [vecs], rms).backward()
+    object_match_loss(moved, [vecs], rms)[0].backward()
     assert moved.grad.abs().sum() > 0
 
 
@@ -263,3 +295,51 @@ def test_ablation_stage_stats_average_the_tail_and_count_events(tmp_path):
     assert st["vanished_steps"] == 1 and st["nonfinite"] == 1 and st["logged_steps"] == 20
     text = markdown({"full": {"stage1": st}}, "cmd")
     assert f"| full | {st['final_loss']:.3f} NaN×1 vanish×1 |" in text
+
+
+def test_corner_slots_and_number_codes():
+    """Each boxed object gets four corner slots whose code tells its coordinate apart from others (nearest code =
+    right coordinate), and the number tokens get the code of their value, so a number's embedding lies closest to
+    the code of its own value; grounding questions about a scene are well formed."""
+    import random
+    from dataclasses import replace
+
+    from tinygptv.model.phi import PhiLM
+    from tinygptv.nano.recipe import grounding_questions, nano_config, object_boxes, object_questions, object_words
+    from tinygptv.nano.stage0 import CornerCode, object_tokens
+    from tinygptv.synth.world import sample_scene
+    from tinygptv.tokenizer import Tokenizer
+
+    if not (BUNDLED["nano"] / "tokenizer.json").is_file():
+        pytest.skip("bundled tokenizer not built")
+    tok = Tokenizer.from_folder(BUNDLED["nano"])
+    code = CornerCode(64)
+    grid = torch.stack([code(t / 100) for t in range(101)])  # [101, 64]
+    assert torch.allclose(grid.pow(2).mean(-1), torch.ones(101), atol=1e-5)
+    picked = (grid @ torch.stack([code(t / 100) for t in (3, 37, 62, 98)]).T).argmax(0)
+    assert picked.tolist() == [3, 37, 62, 98]
+
+    scene = sample_scene(random.Random(5), "corners", n_objects=3, word=True)
+    table = torch.randn(tok.vocab_size, 64)
+    boxes = object_boxes(scene)
+    assert all(0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 for x1, y1, x2, y2 in boxes)
+    tokens = object_tokens(object_words(scene), boxes, table, tok, code)
+    assert tokens.shape == (3 + 1 + 4 * 3, 64)  # objects, the word, corner slots
+    rms = table.pow(2).mean().sqrt()
+    assert torch.allclose(tokens.pow(2).mean(-1).sqrt(), rms.expand(len(tokens)), rtol=1e-4)
+
+    lm = PhiLM(replace(nano_config(tok.vocab_size).lm, hidden=64, heads=4))
+    before = lm.embed_tokens.weight.detach().clone()
+    code.code_numbers_(lm, tok)
+    ids = [tok.encode(str(n))[0] for n in range(0, 98, 7)]
+    changed = (lm.embed_tokens.weight - before)[ids]  # what was added: the code of each number's value
+    assert ((changed @ grid.T).argmax(-1) == torch.tensor(list(range(0, 98, 7)))).all()
+
+    rng = random.Random(0)
+    for q, a in grounding_questions(scene, rng):
+        assert q.startswith(("[refer] give me the location of ", "[identify] what object is in this location {<"))
+        assert a.startswith("{<") if q.startswith("[refer]") else a.startswith("the ")
+    for grounding, low, high in (((0, 0.0), 0, 0), ((1, 0.5), 1, 2), ((2, 0.0), 2, 2)):
+        asked = [object_questions(scene, rng, 3, False, grounding) for _ in range(20)]
+        counts = [sum(q.startswith("[") for q, _ in qs) for qs in asked]
+        assert all(len(qs) == 3 for qs in asked) and low == min(counts) and max(counts) == high

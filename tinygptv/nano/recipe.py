@@ -32,22 +32,30 @@ SIZES = (64, 128)  # stages 1-3, stage 4
 LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 1500  # stage 0: LM, ViT alone, ViT + Q-Former through the LM
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
+# then on object tokens that also carry each object's box (corner slots), with grounding questions (``[refer]`` →
+# box, ``[identify]`` box → object): without them the nano model's referring boxes were right at ~2 %. Measured on
+# ideal object tokens (``benchmarks/lm_grounding.py``, ``lm-grounding-tie.md``): 800 such steps at 3e-3 after the
+# attribute phase reach refer Acc@0.5 38 %, identify 63 %, and colour back at 90 % after a dip while grounding is
+# learnt; learning everything in one phase of 1600 steps ended in that dip (colour 63 %, ``nano-coarse.md``).
+GROUNDING_STEPS, GROUNDING_LR = 900, 3e-3
+# object-token slots in the attribute phase (the grounding phase and the tower use the Q-Former's 32): trained with
+# 32, the attribute-phase LM read colour from ideal tokens at 74.5 % (``runs/nano-phased``), with 16 at 93-94 %
+# (``runs/nano-patchbox``), and from the 16-slot LM 900 grounding steps reached refer Acc@0.5 56 %, identify 68 %,
+# colour 85 % (``lm-grounding-light-600.md``) against 33 / 42 / 65 % from the 32-slot one
+ATTRIBUTE_SLOTS = 16
+# grounding questions per scene: in the grounding phase (two, and one other question), in the vision loop (one,
+# a second with probability 0.5)
+GROUNDING_PHASE, GROUNDING_VISION = (2, 0.0), (1, 0.5)
 # how often each kind of question is asked about object tokens (binding questions need the most steps)
 OBJECT_QUESTIONS = {"colour": 3, "shape": 3, "count": 2, "size": 1, "exist": 1, "spatial": 1, "text": 1}
 KEY_LAST = ("colour", "shape")  # question kinds reworded to end with their key early in the object-token phase
-# The base model's projection: random, as the official code starts stage 1 (False; stage 1 learns it from captions),
-# or the one the stage-0 tower and the frozen LM were trained through (True; the paper describes its first projection
-# as taken from a pretrained MiniGPT-4). One recipe run with True (runs/nano-proj, 2026-12-03, bf16; history
-# "The stage-0 projection kept"): stage 1 began at loss 1.05 instead of ~2.1, but after stage 4 colour 85, shape
-# 87.5, count 72.5, spatial 50.5, identify 40.5 %, GQA-style 61.5 %: no better than the bundle, so off.
-STAGE0_PROJECTOR = False
 
 
 def nano_config(vocab_size: int) -> ModelConfig:
     return ModelConfig(
         name="tinygptv-nano",
         vision=VisionConfig(image_size=SIZES[0], patch_size=8, width=128, depth=4, heads=4, mlp_dim=512),
-        qformer=QFormerConfig(hidden=128, layers=2, heads=4, mlp_dim=512, num_queries=16),
+        qformer=QFormerConfig(hidden=128, layers=2, heads=4, mlp_dim=512, num_queries=32),
         projector=ProjectorConfig(hidden=256),
         lm=LMConfig(vocab_size=-(-vocab_size // 64) * 64, hidden=256, layers=4, heads=8, mlp_dim=768,
                     partial_rotary_factor=0.5, max_position_embeddings=512, resid_dropout=0.0,
@@ -171,23 +179,57 @@ def object_words(scene) -> list[list[str]]:
     return words + ([[scene.word.text, "word"]] if scene.word is not None else [])
 
 
-def object_questions(scene, rng: random.Random, k: int, key_last: bool) -> list[tuple[str, str]]:
-    """``k`` questions with their answers, kinds drawn by :data:`OBJECT_QUESTIONS`; ``key_last``: questions of the
-    :data:`KEY_LAST` kinds reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
+def object_boxes(scene) -> list[stage0.Corners]:
+    """Each object's box as corners ``(x1, y1, x2, y2)`` in 0–1 of the image's width / height."""
+    return [(o.box[0] / scene.width, o.box[1] / scene.height, o.x2 / scene.width, o.y2 / scene.height)
+            for o in scene.objects]
+
+
+def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Per object that some expression picks out, a ``[refer]`` question (→ its box on the 0–100 grid) or an
+    ``[identify]`` question (its box → its shortest attribute expression), as stage 4 and the evaluation ask them."""
+    from tinygptv.synth.text import box_text
+    from tinygptv.synth.world import referring_expressions
+
+    out = []
+    for i, o in enumerate(scene.objects):
+        specs = referring_expressions(scene, i, ("attribute", "spatial"))
+        if not specs:
+            continue
+        if rng.random() < 0.5:
+            out.append((f"[refer] give me the location of {rng.choice(specs).text()}", box_text(scene, o)))
+        else:
+            out.append((f"[identify] what object is in this location {box_text(scene, o)}", specs[0].text()))
+    return out
+
+
+def object_questions(scene, rng: random.Random, k: int, key_last: bool,
+                     grounding: tuple[int, float] = (0, 0.0)) -> list[tuple[str, str]]:
+    """``k`` questions with their answers: ``grounding = (n, p)``: ``n`` grounding questions
+    (:func:`grounding_questions`, fewer if the scene has fewer), one more with probability ``p``, never all ``k``;
+    the rest of kinds drawn by :data:`OBJECT_QUESTIONS`. ``key_last``: questions of the :data:`KEY_LAST` kinds
+    reworded by :func:`tinygptv.synth.text.keyed_last` (most then end with their key)."""
     from tinygptv.synth.text import keyed_last, questions
 
     pool = questions(scene, rng)
     kinds = [c for c in OBJECT_QUESTIONS if pool.get(c)]
-    out = []
-    for _ in range(k):
+    boxed = []
+    if grounding[0]:
+        boxed = grounding_questions(scene, rng)
+        boxed = rng.sample(boxed, min(len(boxed), k - 1, grounding[0] + (rng.random() < grounding[1])))
+    out = list(boxed)
+    for _ in range(k - len(out)):
         qa = rng.choice(pool[rng.choices(kinds, [OBJECT_QUESTIONS[c] for c in kinds])[0]])
         out.append((keyed_last(qa.question) if key_last and qa.category in KEY_LAST else qa.question,
                     qa.answer))
+    if boxed:  # without grounding questions the random stream stays that of the attribute-only recipe
+        rng.shuffle(out)
     return out
 
 
-def scene_objects(seed: int, size: int = 128) -> stage0.ObjectFn:
-    """Fresh scenes as object words plus questions, for :func:`tinygptv.nano.stage0.pretrain_lm_objects`."""
+def scene_objects(seed: int, size: int = 128, grounding: tuple[int, float] = (0, 0.0)) -> stage0.ObjectFn:
+    """Fresh scenes as object words and boxes plus questions (``grounding``: see :func:`object_questions`), for
+    :func:`tinygptv.nano.stage0.pretrain_lm_objects`."""
     from tinygptv.synth.text import caption, detail
     from tinygptv.synth.world import sample_scene
 
@@ -196,7 +238,7 @@ def scene_objects(seed: int, size: int = 128) -> stage0.ObjectFn:
     def item(rng: random.Random, key_last: bool):
         scene = sample_scene(rng, f"objects-{seed}-{next(counter)}", image_size=size)
         described = caption(scene, rng) if rng.random() < 0.5 else detail(scene)
-        return object_words(scene), object_questions(scene, rng, 3, key_last), described
+        return object_words(scene), object_boxes(scene), object_questions(scene, rng, 3, key_last, grounding), described
 
     return item
 
@@ -224,7 +266,8 @@ def scene_pairs(seed: int, size: int):
             description = ""
             if text:
                 description = grounded_caption(scene, rng) if rng.random() < 0.5 else detail(scene)
-                targets.update(objects=object_words(scene), qas=object_questions(scene, rng, 3, False))
+                targets.update(objects=object_words(scene), boxes=object_boxes(scene),
+                               qas=object_questions(scene, rng, 3, False, GROUNDING_VISION))
             out.append((render(scene), description, targets))
         return out
 
@@ -285,38 +328,46 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         lines = (world / "corpus.txt").read_text(encoding="utf-8").splitlines()
         tok = stage0.train_tokenizer(lines, 1024, out / "stage0" / "tokenizer")
         cfg = nano_config(tok.vocab_size)
-        # the LM after its text phase, then after its object-token phase (a continued recipe skips what is saved and
-        # keeps the times recorded when it ran)
-        text_file, lm_file = out / "stage0" / "lm.safetensors", out / "stage0" / "lm-objects.safetensors"
-        done = text_file.is_file()
-        if lm_file.is_file():
-            lm_state = None  # loaded below
-        elif done:
-            lm_state = load_file(str(text_file))
-        else:
-            docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
-            lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
-                                          seed=seed, amp=amp)
-            save_file(lm_state, str(text_file))
-        ran("stage0_lm", t, not done)
-        t = time.perf_counter()
-        done = lm_file.is_file()
-        if done:
-            lm_state = load_file(str(lm_file))
-        else:
-            lm_state = stage0.pretrain_lm_objects(cfg, tok, lm_state, lines, scene_objects(seed),
-                                                  steps=max(2, round(OBJECT_STEPS * steps_scale)), seed=seed,
-                                                  amp=amp)
-            save_file(lm_state, str(lm_file))
-        ran("stage0_lm_objects", t, not done)
+        # the LM after its text phase, its object-token phase and its grounding phase (a continued recipe skips what
+        # is saved and keeps the times recorded when it ran)
+        files = {name: out / "stage0" / f"{name}.safetensors" for name in ("lm", "lm-objects", "lm-grounding")}
+        lm_state, previous = None, files["lm"]
+        for name, phase in (("lm", "stage0_lm"), ("lm-objects", "stage0_lm_objects"),
+                            ("lm-grounding", "stage0_lm_grounding")):
+            done = files[name].is_file()
+            if done:
+                lm_state = None  # the last saved one is loaded below
+            elif name == "lm":
+                docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
+                lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
+                                              seed=seed, amp=amp)
+            else:
+                if lm_state is None:
+                    lm_state = load_file(str(previous))
+                grounded = name == "lm-grounding"
+                lm_state = stage0.pretrain_lm_objects(
+                    cfg, tok, lm_state, lines, scene_objects(seed, grounding=GROUNDING_PHASE if grounded else (0, 0.0)),
+                    steps=max(2, round((GROUNDING_STEPS if grounded else OBJECT_STEPS) * steps_scale)),
+                    lr=GROUNDING_LR if grounded else 2e-3, key_last=0.0 if grounded else 0.4,
+                    describe=0.1 if grounded else 0.25, boxes=grounded, n_slots=None if grounded else ATTRIBUTE_SLOTS,
+                    seed=seed, amp=amp)
+            if not done:
+                save_file(lm_state, str(files[name]))
+            previous = files[name]
+            ran(phase, t, not done)
+            t = time.perf_counter()
+        if lm_state is None:
+            lm_state = load_file(str(previous))
         t = time.perf_counter()
         vis, qf, proj = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
-                                               steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
-                                               vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp)
-        stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj if STAGE0_PROJECTOR else None)
+                                         steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
+                                         vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp)
+        # the base keeps the projection the tower was trained through; with a fresh one (the official start) the
+        # same recipe ended at referring boxes 8.2 %, count 60 % (runs/nano-phased16) against 16.3 / 75 %
+        stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj)
         ran("stage0_vision", t, True)
     else:
-        for name in ("stage0_lm", "stage0_lm_objects", "stage0_vision"):
+        for name in ("stage0_lm", "stage0_lm_objects", "stage0_lm_grounding", "stage0_vision"):
             ran(name, t, False)
     init: Path = base
     for name in ("stage1", "stage2", "stage3", "stage4"):

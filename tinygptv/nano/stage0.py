@@ -5,13 +5,15 @@
 2. **Language model**: a plain Phi decoder (no QK-norm, no post-attention RMSNorm, no LoRA — like the public
    Phi-2) pretrained as a causal LM on the world's text and on scene documents (a description, then questions it
    answers), so that, like Phi-2, it can answer from what precedes a question; then on *object tokens* — one
-   input vector per object, the sum of the embeddings of its words (size, colour, shape, place), in 16 slots like
-   the Q-Former's queries — followed by questions about them or a description (:func:`pretrain_lm_objects`).
+   input vector per object, the sum of the embeddings of its words (size, colour, shape, place), in 16 slots —
+   followed by questions about them or a description (:func:`pretrain_lm_objects`, the attribute phase); then,
+   in a grounding phase, on object tokens with four more slots per object holding its box's corner coordinates
+   (:func:`object_tokens`), in 32 slots like the Q-Former's queries, with grounding questions added.
    Phi-2 arrives able to look things up in its context; a nano LM trained on text alone does not learn to: it
    answers colour / shape questions about several objects at the level of a guess among the attributes present,
    also from ideal object tokens, unless the questions first end with their key (``benchmarks/lm_binding.py``).
 3. **Vision tower**: first the ViT alone on per-patch labels (cheap steps: a from-scratch ViT needs thousands of
-   them to tell shapes apart), then ViT + Q-Former (+ a projection) trained BLIP-2-style through the *frozen* pretrained
+   them to tell shapes apart), then ViT + Q-Former (+ the projection) trained BLIP-2-style through the *frozen* pretrained
    LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
    embedding is stored at the stage-1–3 grid and upsampled bicubically for stage-4 images, exactly what
    ``set_image_size`` does later). The caption loss alone lets the Q-Former collapse to an image-independent
@@ -21,15 +23,17 @@
    shapes, the number of objects, the word, and one-hop retrievals ("the star's colour", "the red one's shape").
    In the same loop the projected queries are regressed onto the scene's object tokens (each object matched to
    its nearest query, :func:`object_match_loss`) and the frozen LM answers questions from them, so that the tower
-   hands over tokens the LM has learnt to read.
+   hands over tokens the LM has learnt to read; a head on each matched query predicts its object's box, so that
+   the queries say where things are (:meth:`AuxHeads.box_loss`).
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
-   the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0, fresh random
-   projections (§1.4) — then frozen by the paper's stages. One deliberate difference: the second projection
-   starts from a Gaussian scaled so image embeddings have the RMS of the LM's token embeddings, as the paper
-   describes ("second layer initialised from a Gaussian"); with PyTorch's default init (upstream's code) the
-   image tokens of the nano model come out ~12x larger than text tokens, their gradients ~10x smaller, and the
-   LM learns to ignore them (measured: equal loss with shuffled images). ``assemble_base`` can instead keep the
-   projection stage 0 trained the tower through (``recipe.STAGE0_PROJECTOR``, off: measured no better).
+   the official files — the new norms at the reference's initial values (§2.3), LoRA-B = 0 — then frozen by the
+   paper's stages. One deliberate difference: the projections are the ones the vision loop trained the tower
+   through (as the paper describes its first projection, taken from a pretrained MiniGPT-4; the official code
+   starts them random, §1.4), so stage 1 starts from image tokens the frozen LM already reads (measured: referring
+   boxes 8.2 → 16.3 %, count 60 → 75 % after stage 4). :func:`assemble_base` without them draws fresh ones, the
+   second from a Gaussian scaled so image embeddings have the RMS of the LM's token embeddings: with PyTorch's
+   default init the nano model's image tokens come out ~12x larger than text tokens and the LM learns to ignore
+   them (measured: equal loss with shuffled images).
 """
 
 from __future__ import annotations
@@ -145,10 +149,11 @@ def sample_windows(data: torch.Tensor, starts: torch.Tensor, n: int, seq_len: in
     return torch.stack([data[s:s + seq_len + 1] for s in picked.tolist()])
 
 
-# (rng, key_last) -> (the words of each object of a fresh scene, questions about it with their answers, a
-# description of it); with ``key_last`` the colour / shape questions end with their key
-# (``tinygptv.synth.text.keyed_last``)
-ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[tuple[str, str]], str]]
+# (rng, key_last) -> (the words of each object of a fresh scene and of its rendered word, each object's box as
+# corners (x1, y1, x2, y2) in 0-1, questions about it with their answers, a description of it); with ``key_last``
+# the colour / shape questions end with their key (``tinygptv.synth.text.keyed_last``)
+Corners = tuple[float, float, float, float]
+ObjectFn = Callable[[random.Random, bool], tuple[list[list[str]], list[Corners], list[tuple[str, str]], str]]
 OBJECT_SLOTS_EMPTY = 0.1  # RMS of an empty slot relative to a token embedding (the tower learns to output ~0 there)
 
 
@@ -168,6 +173,72 @@ def object_vectors(objects: list[list[str]], table: torch.Tensor, tok: Tokenizer
         v = torch.stack([table[tok.encode(text_of(w))].float().mean(0) for w in words]).sum(0)
         out.append(v * rms / v.pow(2).mean().sqrt())
     return torch.stack(out)
+
+
+CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
+# cycles over the image's width / height: coarse, so that the code is nearly a linear function of the coordinate,
+# which the tower's queries (trained to carry their object's box linearly, :meth:`AuxHeads.box_loss`) can produce
+CORNER_FREQUENCIES = (0.25, 0.5, 1.0)
+# weight of the object's own vector in its corner slots (which object a corner belongs to); measured on ideal tokens
+# (``benchmarks/lm_grounding.py``, ``lm-grounding-tie.md``): colour 89.9 % with 0.3, 83.5 % with 0.7 after 800
+# grounding steps, within the scores' spread, refer 38 / 43 %
+CORNER_TIE = 0.3
+
+
+class CornerCode:
+    """A box coordinate (0–1) as a unit-RMS ``[C]`` vector: its sine and cosine at ``frequencies`` (default
+    :data:`CORNER_FREQUENCIES`) through a fixed random orthonormal map (drawn from ``seed``) into the LM's
+    embedding space.
+
+    Object tokens give every object four *corner slots*, one per coordinate of its box, and the number tokens
+    0–100 carry the code of their value (:meth:`code_numbers_`), so that answering ``[refer]`` with
+    ``{<x1><y1><x2><y2>}`` is, per number, a lookup of the object's corner slot and a copy. Measured on ideal object
+    tokens (``benchmarks/lm_grounding.py``: a recipe run's object-phase LM continued with grounding questions for
+    800 steps): refer Acc@0.5 43 % and identify 63 % with these frequencies, 68.5 % / 51.5 % with 0.5–16 cycles; the
+    box as one code added to the object's single token reached 11 % after 600 steps.
+    """
+
+    def __init__(self, hidden: int, seed: int = 1234, frequencies: tuple[float, ...] = CORNER_FREQUENCIES):
+        g = torch.Generator().manual_seed(seed)
+        self.freqs = torch.tensor(frequencies)
+        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(frequencies), generator=g))[0]
+
+    def __call__(self, t: float) -> torch.Tensor:
+        angle = 2 * math.pi * t * self.freqs
+        v = self.map @ torch.cat([angle.sin(), angle.cos()])
+        return v / v.pow(2).mean().sqrt()
+
+    @torch.no_grad()
+    def code_numbers_(self, lm: PhiLM, tok: Tokenizer) -> None:
+        """Add to the input and output embedding rows of every single-token number 0–100 the code of its value
+        (value / 100), at the row's own RMS."""
+        for n in range(101):
+            ids = tok.encode(str(n))
+            if len(ids) == 1:
+                for table in (lm.embed_tokens.weight, lm.lm_head.weight):
+                    table[ids[0]] += self(n / 100).to(table.dtype) * table[ids[0]].float().pow(2).mean().sqrt()
+
+
+def object_tokens(objects: list[list[str]], boxes: list[Corners], table: torch.Tensor, tok: Tokenizer,
+                  code: CornerCode) -> torch.Tensor:
+    """``[n + 4·len(boxes), C]``: :func:`object_vectors` of ``objects`` (the first ``len(boxes)`` are the boxed
+    objects), then per box four corner slots — :data:`CORNER_TIE` × the object's vector + the embedding of "left" / "top" /
+    "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
+    vectors = object_vectors(objects, table, tok)
+    rms = table.float().pow(2).mean().sqrt()
+    corners = [table[tok.encode(w)].float().mean(0) for w in CORNER_WORDS]
+    out = [vectors]
+    for v, box in zip(vectors, boxes):
+        for word, t in zip(corners, box):
+            slot = CORNER_TIE * v / rms + word / word.pow(2).mean().sqrt() + code(t)
+            out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
+    return torch.cat(out)
+
+
+def token_boxes(objects: list[list[str]], boxes: list[Corners]) -> list[Corners | None]:
+    """The box each of :func:`object_tokens`' tokens belongs to: the boxed objects' own, ``None`` for the other
+    things (the rendered word), then each boxed object's box for its four corner slots."""
+    return [*boxes, *[None] * (len(objects) - len(boxes)), *[b for b in boxes for _ in CORNER_WORDS]]
 
 
 def object_slots(vectors: torch.Tensor, n_slots: int, rms: torch.Tensor, rng: random.Random,
@@ -191,7 +262,8 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 
     if rng.random() < chat:
         template = get_template(rng.choice(("stage3", "stage4", "eval")))
-        asked = [q if template.name != "stage4" or rng.random() < 0.5 else f"[vqa] {q}" for q, _ in qas]
+        asked = [q if template.name != "stage4" or q.startswith("[") or rng.random() < 0.5 else f"[vqa] {q}"
+                 for q, _ in qas]
         asked[0] = template.instruction(asked[0], True)
         return multi_turn(template, asked, [a for _, a in qas])
     targets = []
@@ -202,8 +274,8 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 
 def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], lines: list[str],
                         scenes: ObjectFn, steps: int, batch: int = 24, text_batch: int = 8, lr: float = 2e-3,
-                        key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25,
-                        seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
+                        key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25, boxes: bool = False,
+                        n_slots: int | None = None, seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
     """Continue the stage-0 LM on object tokens (:func:`object_slots`), as it will read them from the vision
     tower: questions about them (:func:`qa_example`), or for ``describe`` of the scenes their description right
     after them (the layout of stage 1, whose captions are all the projection learns from), plus ``text_batch``
@@ -212,27 +284,34 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     For the first ``key_last`` of the steps the colour / shape questions end with their key: a LM reading ideal
     object tokens learns to answer them as asked only after that (``benchmarks/lm_binding.py``: 600 steps, colour
     97 / 100 / 95 % and shape 94 / 98 / 90 % with 2 / 3 / 4 objects; without it, a guess among the attributes
-    present). Returns the new state dict.
+    present). With ``boxes`` every object also has four corner slots (:func:`object_tokens`), and the number tokens
+    get the :class:`CornerCode` of their value before training, so that ``[refer]`` / ``[identify]`` questions
+    about the object tokens can be answered (the recipe's grounding phase, after a phase without). Returns the new
+    state dict. ``n_slots``: object-token slots (default: the Q-Former's query count).
     """
     torch.manual_seed(seed)
     plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
     lm = PhiLM(plain)
     lm.load_state_dict(lm_state)
+    code = CornerCode(plain.hidden)
+    if boxes:
+        code.code_numbers_(lm, tok)
     seq_len = 128
     data, starts = line_windows(tok, lines, seq_len)
-    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM objects")
-    rng = random.Random(f"objects-{seed}")
+    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM " + ("grounding" if boxes else "objects"))
+    rng = random.Random(f"objects-{seed}" + ("-boxes" if boxes else ""))
     g = torch.Generator().manual_seed(seed)
-    n_slots = cfg.qformer.num_queries
+    n_slots = n_slots or cfg.qformer.num_queries
     lm.train()
     autocast = _autocast(amp)
     for step in opt:
         table = lm.embed_tokens.weight.detach()
         rms = table.float().pow(2).mean().sqrt()
         items = [scenes(rng, step < key_last * steps) for _ in range(batch)]
-        prefixes = [object_slots(object_vectors(objs, table, tok), n_slots, rms, rng, g)[None] for objs, _, _ in items]
+        prefixes = [object_slots(object_tokens(objs, corners if boxes else [], table, tok, code), n_slots, rms, rng,
+                                 g)[None] for objs, corners, _, _ in items]
         examples = [Example(None, [(text + "\n", True)]) if rng.random() < describe else qa_example(qas, rng, chat)
-                    for _, qas, text in items]
+                    for _, _, qas, text in items]
         b = build_batch(examples, prefixes, tok, lm.embed_tokens, 0, 0, max_txt_len=96)
         x = sample_windows(data, starts, text_batch, seq_len, g)
         with autocast:
@@ -276,20 +355,30 @@ class AuxHeads(torch.nn.Module):
     def __init__(self, width: int, q_dim: int, n_queries: int, n: dict[str, int], grid: int):
         super().__init__()
         self.n, self.grid = n, grid
-        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2)
+        # per patch: colour / shape / size of the object there, the word or not, and that object's box
+        self.patch = torch.nn.Linear(width, n["colour"] + n["shape"] + n["size"] + 2 + 4)
         self.query = torch.nn.Linear(q_dim * n_queries, grid * grid * (n["colour"] + n["shape"]) + 5 + n["word"])
         # retrieval: a key (a colour or a shape) attends over the queries, the pooled query names the other one
         self.bind_key = torch.nn.Embedding(n["colour"] + n["shape"], q_dim)
         self.bind_q = torch.nn.Linear(q_dim, q_dim)
         self.bind_out = torch.nn.Linear(q_dim, n["colour"] + n["shape"])
+        self.box = torch.nn.Linear(q_dim, 4)  # a matched query's object box [x1, y1, x2, y2] / image size
 
     def patch_loss(self, feats: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """Per ViT patch: colour / shape / size of the object there, and whether the word is."""
+        """Per ViT patch: colour / shape / size of the object there, whether the word is, and where the object
+        there is (its box, L1 in units of the image size, weighted by :data:`BOX_WEIGHT`; patches outside objects
+        have none). Without the box the patch features need not say where they are, and the Q-Former, whose
+        cross-attention does not see which patch a feature came from, hands the LM no position at all."""
         n = self.n
-        patch_logits = self.patch(feats[:, 1:].float())  # [B, g², …]
-        splits = [n["colour"], n["shape"], n["size"], 2]
+        out = self.patch(feats[:, 1:].float())  # [B, g², …]
+        splits = [n["colour"], n["shape"], n["size"], 2, 4]
+        *heads, box = out.split(splits, -1)
+        inside = torch.stack([t["patch"]["colour"] for t in targets]) > 0  # [B, g²]
         loss = 0.0
-        for logits, key in zip(patch_logits.split(splits, -1), ("colour", "shape", "size", "word")):
+        if inside.any():
+            truth = torch.stack([t["patch"]["box"] for t in targets])  # [B, g², 4]
+            loss = BOX_WEIGHT * (torch.sigmoid(box[inside]) - truth[inside]).abs().mean()
+        for logits, key in zip(heads, ("colour", "shape", "size", "word")):
             tgt = torch.stack([t["patch"][key] for t in targets])  # [B, g²]
             if tgt.shape[1] != logits.shape[1]:  # other resolution: targets are per input patch, recomputed
                 raise ValueError("dense targets do not match the patch grid")
@@ -324,15 +413,29 @@ class AuxHeads(torch.nn.Module):
         attn = torch.softmax(torch.einsum("pqh,ph->pq", out, probe) / out.shape[-1] ** 0.5, dim=-1)
         return F.cross_entropy(self.bind_out(torch.einsum("pq,pqh->ph", attn, out)), label)
 
+    def box_loss(self, queries: torch.Tensor, matches: list[list[tuple[int, int]]],
+                 boxes: list[list[Corners | None]]) -> torch.Tensor:
+        """Where each object is, read from the query it was matched to (:func:`object_match_loss`): the L1 error of
+        its box corners in units of the image's width / height. Without it the queries carry no position at all
+        (measured on the bundle of d2a379d, single-object scenes at 128 px: ridge or MLP probes on all 16 queries
+        predict the box no better than the mean box, Acc@0.5 2 %, while an MLP on the ViT patches reaches 72 %):
+        the Q-Former's cross-attention does not see which patch a feature came from unless the feature says so."""
+        rows = [(b, q, bx[i]) for b, (pairs, bx) in enumerate(zip(matches, boxes)) for q, i in pairs
+                if bx[i] is not None]
+        if not rows:
+            return queries.sum() * 0.0
+        b, q, box = zip(*rows)
+        pred = torch.sigmoid(self.box(queries.float()[torch.tensor(b), torch.tensor(q)]))  # [P, 4]
+        return (pred - torch.tensor(box, dtype=pred.dtype)).abs().mean()
+
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
                     seed: int = 0, vit_steps: int = 0, amp: str = "auto") -> tuple[dict, dict, dict]:
-    """Train ViT + Q-Former + the projection through the frozen plain LM on (image, text) pairs.
+    """Train ViT + Q-Former (+ a temporary projection) through the frozen plain LM on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
-    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision``, Q-Former and projection
-    state dicts.
+    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision`` and Q-Former state dicts.
     """
     torch.manual_seed(seed)
     plain = replace(cfg, lm=replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0),
@@ -355,6 +458,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     autocast = _autocast(amp)
     table = model.lm.embed_tokens.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
+    code = CornerCode(table.shape[1])
     shown: dict = {}
     for step in opt:
         size = sizes[step % len(sizes)]
@@ -371,14 +475,16 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         targets = [t for _, _, t in items]
         loss = caption + heads.loss(feats, queries, targets)
         if "objects" in targets[0]:  # image tokens as the object tokens the LM was taught to read
-            match = object_match_loss(emb, [object_vectors(t["objects"], table, tok) for t in targets], rms)
+            wanted = [object_tokens(t["objects"], t["boxes"], table, tok, code) for t in targets]
+            match, matches = object_match_loss(emb, wanted, rms)
+            box = heads.box_loss(queries, matches, [token_boxes(t["objects"], t["boxes"]) for t in targets])
             qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets], [e[None] for e in emb],
                                    tok, model.lm.embed_tokens, 0, 0)
             with autocast:
                 qa_logits = model.lm(inputs_embeds=qa_batch.inputs_embeds, attention_mask=qa_batch.attention_mask)
             qa = causal_lm_loss(qa_logits, qa_batch.labels)
-            loss = loss + match + qa
-            shown = {"match": match, "qa": qa}
+            loss = loss + match + qa + BOX_WEIGHT * box
+            shown = {"match": match, "qa": qa, "box": box}
         opt.update(loss, step, caption=caption, total=loss, size=size, **shown)
     log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
@@ -386,25 +492,33 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
             {k: v.detach().clone() for k, v in model.projector.state_dict().items()})
 
 
-def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor], rms: torch.Tensor) -> torch.Tensor:
+BOX_WEIGHT = 10.0  # of :meth:`AuxHeads.box_loss` in the vision loop (an L1 error of ~0.03 then costs ~0.3)
+
+
+def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor],
+                      rms: torch.Tensor) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
     """Regression of the image tokens ``emb [B, Q, C]`` onto each image's object vectors ``[n, C]``
     (:func:`object_vectors`), DETR-style: every object is matched to the query token nearest to it (greedily,
     nearest pair first), the unmatched tokens are pulled towards 0 (an empty slot) with weight 0.1. Mean squared
-    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image."""
+    errors relative to ``rms``², averaged over the images. Needs fewer objects than tokens per image. Returns the
+    loss and, per image, the matched ``(query, object)`` index pairs."""
     total = emb.new_zeros((), dtype=torch.float32)
+    pairs: list[list[tuple[int, int]]] = []
     for e, targets in zip(emb.float(), objects):
         if len(targets) >= len(e):
             raise ValueError(f"{len(targets)} objects for {len(e)} image tokens: the matching needs fewer objects")
         cost = (e[:, None] - targets[None]).pow(2).mean(-1) / rms ** 2  # [Q, n]
         free = cost.detach().clone()
         rest = torch.ones(len(e), dtype=torch.bool, device=e.device)
-        matched = []
+        matched, pairs_here = [], []
         for _ in range(len(targets)):
             q, n = divmod(int(free.argmin()), free.shape[1])
             matched.append(cost[q, n])
+            pairs_here.append((q, n))
             free[q, :], free[:, n], rest[q] = float("inf"), float("inf"), False
+        pairs.append(pairs_here)
         total = total + torch.stack(matched).mean() + 0.1 * (e[rest].pow(2).mean() / rms ** 2)
-    return total / len(objects)
+    return total / len(objects), pairs
 
 
 def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: random.Random, steps: int,
@@ -444,13 +558,13 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     """
     W, H = size_wh
 
-    def at(x: float, y: float) -> tuple[int, int, int]:
+    def at(x: float, y: float) -> tuple[int, int, int, tuple[float, float, float, float]]:
         for (bx, by, bw, bh), c, s, z in objects:
             if bx <= x < bx + bw and by <= y < by + bh:
-                return c, s, z
-        return 0, 0, 0
+                return c, s, z, (bx / W, by / H, (bx + bw) / W, (by + bh) / H)
+        return 0, 0, 0, (0.0, 0.0, 0.0, 0.0)
 
-    def labels(g: int) -> list[tuple[int, int, int]]:
+    def labels(g: int) -> list[tuple[int, int, int, tuple[float, float, float, float]]]:
         return [at((j + 0.5) * W / g, (i + 0.5) * H / g) for i in range(g) for j in range(g)]
 
     cells = labels(grid)
@@ -464,10 +578,11 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     # (is the key a shape, key id, label id): "the star is …" → its colour, "the red one is …" → its shape
     bind = [(True, sh, c) for c, sh in zip(colours, shapes) if shapes.count(sh) == 1]
     bind += [(False, c, sh) for c, sh in zip(colours, shapes) if colours.count(c) == 1]
-    return {"patch": {"colour": torch.tensor([c for c, _, _ in cells]), "shape": torch.tensor([s for _, s, _ in cells]),
-                      "size": torch.tensor([z for _, _, z in cells]), "word": torch.tensor(in_word)},
-            "grid_colour": torch.tensor([c for c, _, _ in coarse]),
-            "grid_shape": torch.tensor([s for _, s, _ in coarse]),
+    return {"patch": {"colour": torch.tensor([c[0] for c in cells]), "shape": torch.tensor([c[1] for c in cells]),
+                      "size": torch.tensor([c[2] for c in cells]), "word": torch.tensor(in_word),
+                      "box": torch.tensor([c[3] for c in cells])},
+            "grid_colour": torch.tensor([c[0] for c in coarse]),
+            "grid_shape": torch.tensor([c[1] for c in coarse]),
             "count": min(len(objects), 4), "word": word, "bind": bind}
 
 
@@ -475,8 +590,8 @@ def assemble_base(cfg: ModelConfig, tok: Tokenizer, lm_state: dict, vision_state
                   out: Path, seed: int = 0, projector_state: dict | None = None) -> Path:
     """The TinyGPT-V base checkpoint from the stage-0 parts, assembled like an official import.
 
-    Without ``projector_state`` the projection starts random, as the official stage 1 does (reference §1.4);
-    with it, from stage 0's, as the paper describes its first projection (taken from a pretrained MiniGPT-4).
+    ``projector_state``: the vision loop's projection (the recipe passes it); without it the projection starts
+    random, as the official stage 1 does (reference §1.4).
     """
     with torch.device("meta"):
         model = TinyGPTV(cfg)
