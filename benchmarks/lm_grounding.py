@@ -1,8 +1,8 @@
 """Can the nano language model learn grounding (``[refer]`` boxes, ``[identify]``) from ideal object tokens?
 
-The bundled nano model draws referring boxes near a guess (Acc@0.5 about 2 %, its boxes' centres some 25 units
-of the 0–100 grid off) and names the object in a box at a guess among the objects present (``identify`` 33–40 %).
-Its stage-0 LM reads *object tokens* (``tinygptv.nano.stage0.object_vectors``: one vector per object, the sum of
+The nano model before the grounding recipe drew referring boxes near a guess (Acc@0.5 about 2 %, centres some 25 units
+of the 0–100 grid off) and named the object in a box at a guess among the objects present (``identify`` 33–40 %).
+Its stage-0 LM read *object tokens* (``tinygptv.nano.stage0.object_vectors``: one vector per object, the sum of
 the embeddings of its size, colour, shape and 3 × 3-grid place words) and never saw a box during stage 0. This
 script asks whether it can learn them when object tokens do carry the box, before any vision tower is involved:
 it continues a recipe run's stage-0 LM (``lm-objects.safetensors``) as ``pretrain_lm_objects`` does (ideal object

@@ -49,9 +49,9 @@ IDENTIFY_SHARE = 0.3
 
 def with_identify(questions):
     """Wrap ``recipe.object_questions`` so that :data:`IDENTIFY_SHARE` of the questions are identify questions."""
-    def ask(scene, rng, k, key_last):
+    def ask(scene, rng, k, key_last, grounding=(0, 0.0)):
         out = []
-        for qa in questions(scene, rng, k, key_last):
+        for qa in questions(scene, rng, k, key_last, grounding):
             if rng.random() < IDENTIFY_SHARE:
                 i = rng.randrange(len(scene.objects))
                 qa = (f"[identify] what object is in this location {box_text(scene, scene.objects[i])}",
@@ -84,7 +84,7 @@ def answer(lm: PhiLM, tok, cfg, scene, question: str, rng: random.Random, g: tor
     table = lm.embed_tokens.weight.detach()
     rms = table.float().pow(2).mean().sqrt()
     slots = stage0.object_slots(stage0.object_vectors(recipe.object_words(scene), table, tok),
-                                cfg.qformer.num_queries, rms, rng, g)
+                                recipe.ATTRIBUTE_SLOTS, rms, rng, g)
     b = build_batch([Example(get_template("stage4").user_turn(question, True), [])], [slots[None]], tok,
                     lm.embed_tokens, 0, 0)
     ids = [ev.token for ev in generate_tokens(lm, [(b.inputs_embeds[0], b.attention_mask[0])],
@@ -159,7 +159,8 @@ def main() -> None:
     if state_file.is_file():
         state = load_file(str(state_file))
     else:
-        state = stage0.pretrain_lm_objects(cfg, tok, text_state, lines, objects, steps=recipe.OBJECT_STEPS, seed=0)
+        state = stage0.pretrain_lm_objects(cfg, tok, text_state, lines, objects, steps=recipe.OBJECT_STEPS,
+                                           n_slots=recipe.ATTRIBUTE_SLOTS, seed=0)
         save_file(state, str(state_file))
     lm = PhiLM(replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0))
     lm.load_state_dict(state)

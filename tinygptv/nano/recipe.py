@@ -281,7 +281,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
     """Run (or continue) the whole nano recipe under ``out``; returns a summary with timings and accuracies.
 
     ``amp``: training precision (``auto``: bf16 autocast on CPUs with fast bf16, fp32 elsewhere; ``none``: fp32
-    everywhere, the bundled model's precision; ``bf16``). It is resolved once and recorded in
+    everywhere, the previous bundle's precision; ``bf16``: the bundled model's). It is resolved once and recorded in
     ``out/precision.json``; continuing a run at another precision is an error, so one model is never trained
     half in each.
     """
