@@ -68,87 +68,19 @@ from safetensors.torch import load_file
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import build_batch, causal_lm_loss
 from tinygptv.nano import stage0
-from tinygptv.nano.recipe import nano_config, object_words
+from tinygptv.nano.recipe import grounding_questions, nano_config, object_boxes, object_words
+from tinygptv.nano.stage0 import CornerCode, object_tokens
 from tinygptv.synth.text import box_text
 from tinygptv.synth.world import Scene, referring_expressions, sample_scene
 from tinygptv.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-Box = tuple[float, float, float, float]  # corners x1, y1, x2, y2 in 0-1
-CORNER_WORDS = (" left", " top", " right", " bottom")  # x1, y1, x2, y2
-CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height
-COARSE_FREQUENCIES = (0.25, 0.5, 1.0)
+CORNER_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # cycles over the image's width / height (``box-slots``)
+COARSE_FREQUENCIES = stage0.CORNER_FREQUENCIES  # 0.25-1 cycles, the recipe's
 SLOT_FREQUENCIES = {"box-slots": CORNER_FREQUENCIES, "box-slots-coarse": COARSE_FREQUENCIES,
                     "box-slots-light": COARSE_FREQUENCIES}  # per slot config
 # weight of the object's vector in its corner slots (default 0.7)
 CORNER_TIE = {"box-slots-light": 0.3, "coded-light": 0.3}
-
-
-class CornerCode:
-    """A box coordinate (0–1) as a unit-RMS ``[C]`` vector: its sine and cosine at :data:`CORNER_FREQUENCIES`
-    through a fixed random orthonormal map (drawn from ``seed``) into the LM's embedding space.
-
-    Object tokens give every object four *corner slots*, one per coordinate of its box, and the number tokens
-    0–100 carry the code of their value (:meth:`code_numbers_`), so that answering ``[refer]`` with
-    ``{<x1><y1><x2><y2>}`` is, per number, a lookup of the object's corner slot and a copy.
-    """
-
-    def __init__(self, hidden: int, seed: int = 1234, frequencies: tuple[float, ...] = CORNER_FREQUENCIES):
-        g = torch.Generator().manual_seed(seed)
-        self.freqs = torch.tensor(frequencies)
-        self.map = torch.linalg.qr(torch.randn(hidden, 2 * len(frequencies), generator=g))[0]
-
-    def __call__(self, t: float) -> torch.Tensor:
-        angle = 2 * math.pi * t * self.freqs
-        v = self.map @ torch.cat([angle.sin(), angle.cos()])
-        return v / v.pow(2).mean().sqrt()
-
-    @torch.no_grad()
-    def code_numbers_(self, lm: PhiLM, tok: Tokenizer) -> None:
-        """Add to the input and output embedding rows of every single-token number 0–100 the code of its value
-        (value / 100), at the row's own RMS."""
-        for n in range(101):
-            ids = tok.encode(str(n))
-            if len(ids) == 1:
-                for table in (lm.embed_tokens.weight, lm.lm_head.weight):
-                    table[ids[0]] += self(n / 100).to(table.dtype) * table[ids[0]].float().pow(2).mean().sqrt()
-
-
-def object_tokens(objects: list[list[str]], boxes: list[Box], table: torch.Tensor, tok: Tokenizer,
-                  code: CornerCode, tie: float = 0.7) -> torch.Tensor:
-    """``[n + 4·len(boxes), C]``: ``stage0.object_vectors`` of ``objects`` (the first ``len(boxes)`` are the boxed
-    objects), then per box four corner slots — ``tie`` × the object's vector + the embedding of "left" / "top" /
-    "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
-    vectors = stage0.object_vectors(objects, table, tok)
-    rms = table.float().pow(2).mean().sqrt()
-    corners = [table[tok.encode(w)].float().mean(0) for w in CORNER_WORDS]
-    out = [vectors]
-    for v, box in zip(vectors, boxes):
-        for word, t in zip(corners, box):
-            slot = tie * v / rms + word / word.pow(2).mean().sqrt() + code(t)
-            out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
-    return torch.cat(out)
-
-
-def object_boxes(scene) -> list[Box]:
-    """Each object's box as corners ``(x1, y1, x2, y2)`` in 0–1 of the image's width / height."""
-    return [(o.box[0] / scene.width, o.box[1] / scene.height, o.x2 / scene.width, o.y2 / scene.height)
-            for o in scene.objects]
-
-
-def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Per object that some expression picks out, a ``[refer]`` question (→ its box on the 0–100 grid) or an
-    ``[identify]`` question (its box → its shortest attribute expression), as stage 4 and the evaluation ask them."""
-    out = []
-    for i, o in enumerate(scene.objects):
-        specs = referring_expressions(scene, i, ("attribute", "spatial"))
-        if not specs:
-            continue
-        if rng.random() < 0.5:
-            out.append((f"[refer] give me the location of {rng.choice(specs).text()}", box_text(scene, o)))
-        else:
-            out.append((f"[identify] what object is in this location {box_text(scene, o)}", specs[0].text()))
-    return out
 
 
 CODED = ("coded-coarse", "coded-light")  # tokens of a run whose object-phase LM already carries the corner code

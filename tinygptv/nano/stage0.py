@@ -220,9 +220,9 @@ class CornerCode:
 
 
 def object_tokens(objects: list[list[str]], boxes: list[Corners], table: torch.Tensor, tok: Tokenizer,
-                  code: CornerCode) -> torch.Tensor:
+                  code: CornerCode, tie: float = CORNER_TIE) -> torch.Tensor:
     """``[n + 4·len(boxes), C]``: :func:`object_vectors` of ``objects`` (the first ``len(boxes)`` are the boxed
-    objects), then per box four corner slots — :data:`CORNER_TIE` × the object's vector + the embedding of "left" / "top" /
+    objects), then per box four corner slots — ``tie`` × the object's vector + the embedding of "left" / "top" /
     "right" / "bottom" + the :class:`CornerCode` of that coordinate — each scaled to the RMS of ``table``."""
     vectors = object_vectors(objects, table, tok)
     rms = table.float().pow(2).mean().sqrt()
@@ -230,7 +230,7 @@ def object_tokens(objects: list[list[str]], boxes: list[Corners], table: torch.T
     out = [vectors]
     for v, box in zip(vectors, boxes):
         for word, t in zip(corners, box):
-            slot = CORNER_TIE * v / rms + word / word.pow(2).mean().sqrt() + code(t)
+            slot = tie * v / rms + word / word.pow(2).mean().sqrt() + code(t)
             out.append((slot * rms / slot.pow(2).mean().sqrt())[None])
     return torch.cat(out)
 
