@@ -21,6 +21,7 @@ from tinygptv.infer.engine import Engine
 from tinygptv.infer.generate import GenerationConfig
 
 SETS = "gqa,vsr,vizwiz,hm,iconqa,refcoco_val,refcoco_testA,refcoco_testB"
+IDENTIFY_INSTRUCTION = "[identify] what object is in this location {}"  # as stage 4 asks it (box text)
 
 
 def _scenes(eval_root: Path) -> dict[str, dict]:
@@ -68,7 +69,7 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
         for it in chunk:
             scene = Scene.from_dict(scenes[it["scene"]]["scene"])
             obj = next(o for o in scene.objects if list(o.box) == it["bbox"])
-            q = f"[identify] what object is in this location {box_text(scene, obj)}"
+            q = IDENTIFY_INSTRUCTION.format(box_text(scene, obj))
             reqs.append(engine.chat_request(q, [eval_root / it["image"]]))
             gold.append(obj)
         for res, obj, it in zip(engine.generate(reqs, cfg), gold, chunk):

@@ -188,6 +188,8 @@ def object_boxes(scene) -> list[stage0.Corners]:
 def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
     """Per object that some expression picks out, a ``[refer]`` question (→ its box on the 0–100 grid) or an
     ``[identify]`` question (its box → its shortest attribute expression), as stage 4 and the evaluation ask them."""
+    from tinygptv.eval.refcoco import REFER_INSTRUCTION
+    from tinygptv.nano.evaluate import IDENTIFY_INSTRUCTION
     from tinygptv.synth.text import box_text
     from tinygptv.synth.world import referring_expressions
 
@@ -197,9 +199,9 @@ def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
         if not specs:
             continue
         if rng.random() < 0.5:
-            out.append((f"[refer] give me the location of {rng.choice(specs).text()}", box_text(scene, o)))
+            out.append((REFER_INSTRUCTION.format(rng.choice(specs).text()), box_text(scene, o)))
         else:
-            out.append((f"[identify] what object is in this location {box_text(scene, o)}", specs[0].text()))
+            out.append((IDENTIFY_INSTRUCTION.format(box_text(scene, o)), specs[0].text()))
     return out
 
 

@@ -183,6 +183,9 @@ CORNER_FREQUENCIES = (0.25, 0.5, 1.0)
 # (``benchmarks/lm_grounding.py``, ``lm-grounding-tie.md``): colour 89.9 % with 0.3, 83.5 % with 0.7 after 800
 # grounding steps, within the scores' spread, refer 38 / 43 %
 CORNER_TIE = 0.3
+# weight of the box losses (per matched query, :meth:`AuxHeads.box_loss`; per patch) in the vision loop: an L1
+# error of ~0.03 then costs ~0.3
+BOX_WEIGHT = 10.0
 
 
 class CornerCode:
@@ -492,9 +495,6 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
             {k: v.detach().clone() for k, v in model.projector.state_dict().items()})
 
 
-BOX_WEIGHT = 10.0  # of :meth:`AuxHeads.box_loss` in the vision loop (an L1 error of ~0.03 then costs ~0.3)
-
-
 def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor],
                       rms: torch.Tensor) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
     """Regression of the image tokens ``emb [B, Q, C]`` onto each image's object vectors ``[n, C]``
@@ -558,13 +558,13 @@ def dense_targets(objects: list[tuple[tuple[float, float, float, float], int, in
     """
     W, H = size_wh
 
-    def at(x: float, y: float) -> tuple[int, int, int, tuple[float, float, float, float]]:
+    def at(x: float, y: float) -> tuple[int, int, int, Corners]:
         for (bx, by, bw, bh), c, s, z in objects:
             if bx <= x < bx + bw and by <= y < by + bh:
                 return c, s, z, (bx / W, by / H, (bx + bw) / W, (by + bh) / H)
         return 0, 0, 0, (0.0, 0.0, 0.0, 0.0)
 
-    def labels(g: int) -> list[tuple[int, int, int, tuple[float, float, float, float]]]:
+    def labels(g: int) -> list[tuple[int, int, int, Corners]]:
         return [at((j + 0.5) * W / g, (i + 0.5) * H / g) for i in range(g) for j in range(g)]
 
     cells = labels(grid)
