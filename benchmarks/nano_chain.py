@@ -3,7 +3,8 @@
 The stage-0 LM of a grounding recipe answers ``[refer]`` on ideal object tokens at 30–56 % (``lm_grounding.py``),
 yet the finished model draws boxes at 2–20 %. This script evaluates each checkpoint a recipe run leaves — the
 stage-0 base (the frozen tower and LM, the new norms at their initial values, the projection as the recipe
-assembled it; and once more without the paper's new norms, i.e. the tower and LM as stage 0 trained them), then
+assembled it; and, when the base inserted them into a plain LM, once more without the paper's new norms, i.e. the
+tower and LM as stage 0 trained them), then
 each stage's final — on the held-out sets of that run's world, with the evaluation's own
 prompts and scoring, so the step that loses (or never learns) a skill shows as a drop between two rows.
 
@@ -46,6 +47,17 @@ def without_new_norms(model):
     return model
 
 
+def norms_at_init(model) -> bool:
+    """Whether the base's new norms are at the reference's initial values (inserted into a plain stage-0 LM) rather
+    than pretrained with it (the recipe's ``STAGE0_NEW_NORMS``)."""
+    for block in model.lm.layers:
+        for norm in (block.attn.q_norm, block.attn.k_norm, block.post_attn_norm):
+            if norm is not None and ((norm.weight != 1).any() or (getattr(norm, "bias", None) is not None
+                                                                   and (norm.bias != 0).any())):
+                return False
+    return True
+
+
 def box_stats(answers: Path) -> dict[str, float]:
     """Median centre distance (0–100 grid units) and distinct x1 values of the parsed answer boxes."""
     dists, firsts, parsed = [], set(), 0
@@ -85,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = tinygptv.load(ckpt)
         if label.startswith("base without"):
+            if not norms_at_init(model):
+                log.info("%s: skipped, the stage-0 LM was pretrained with the new norms", label)
+                continue
             model = without_new_norms(model)
         out = run / "chain" / ("stage0-plain" if label.startswith("base without") else rel.split("/")[0])
         res = run_eval(model, args.sets, eval_root, out, limit=args.limit, mode="standard",

@@ -271,6 +271,36 @@ def test_stage0_base_keeps_or_redraws_the_projection(tmp_path):
                       projector_state={k: v for k, v in parts[3].items() if not k.endswith("proj2.bias")})
 
 
+def test_stage0_lm_with_new_norms_trains_them_and_the_base_keeps_them(tmp_path):
+    """With ``new_norms`` the stage-0 LM has the QK LayerNorms and the post-attention RMSNorm from its first step:
+    their weights train, the QK biases stay frozen at 0, and ``assemble_base`` keeps the trained values instead of
+    re-inserting the norms at LayerNorm(1, 0) / RMSNorm(1); without it the LM has none and the base inserts them."""
+    from dataclasses import replace
+
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.nano.recipe import nano_config
+    from tinygptv.nano.stage0 import assemble_base, pretrain_lm, stage0_lm, train_tokenizer
+
+    lines = ["a small red cross on the left<|endoftext|>", "a large blue star at the top<|endoftext|>"] * 40
+    tok = train_tokenizer(lines, 300, tmp_path / "tok")
+    cfg = nano_config(tok.vocab_size)
+    assert not any("norm" in k and "layernorm" not in k for k in stage0_lm(cfg).state_dict())
+    normed = stage0_lm(cfg, new_norms=True)
+    frozen = {k for k, p in normed.named_parameters() if not p.requires_grad}
+    assert frozen == {f"layers.{i}.attn.{n}.bias" for i in range(cfg.lm.layers) for n in ("q_norm", "k_norm")}
+
+    state = pretrain_lm(cfg, tok, lines, steps=3, batch=2, seq_len=16, amp="none", new_norms=True)
+    assert (state["layers.0.post_attn_norm.weight"] != 1).any() and (state["layers.0.attn.q_norm.weight"] != 1).any()
+    assert not state["layers.0.attn.q_norm.bias"].any()
+    donor = TinyGPTV(replace(cfg, lora=replace(cfg.lora, r=0)))
+    parts = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (donor.vision, donor.qformer)]
+    base = tinygptv.load(assemble_base(cfg, tok, state, *parts, tmp_path / "base"))
+    assert torch.equal(base.lm.layers[0].post_attn_norm.weight.float(), state["layers.0.post_attn_norm.weight"])
+    plain = pretrain_lm(cfg, tok, lines, steps=1, batch=2, seq_len=16, amp="none")
+    base = tinygptv.load(assemble_base(cfg, tok, plain, *parts, tmp_path / "plain"))
+    assert torch.equal(base.lm.layers[0].post_attn_norm.weight, torch.ones(cfg.lm.hidden))
+
+
 def test_keyed_last_moves_the_key_to_the_end():
     from tinygptv.synth.text import keyed_last
 

@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-size", type=int, default=200, help="items per held-out synthetic eval set")
     g.add_argument("--amp", choices=["auto", "none", "bf16"], default="auto",
                    help="training precision: auto = bf16 autocast where the CPU has fast bf16 (AMX, AVX-512-BF16), "
-                        "fp32 elsewhere; none = fp32 everywhere (the bundled model's precision)")
+                        "fp32 elsewhere; none = fp32 everywhere; bf16 = bf16 autocast (the bundled model was trained "
+                        "so)")
     g.add_argument("--eval-quantize", default="fp32,int8", help="evaluate the final model at these precisions")
     g.add_argument("--bundle", action="store_true", help="write the final model into the package (the default model)")
     g.add_argument("--report", help="write the results table here (default: <output>/nano.md)")

@@ -51,7 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import tinygptv
-from tinygptv.config import ModelConfig
+from tinygptv.config import LMConfig, ModelConfig
 from tinygptv.image import preprocess
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import Example, build_batch, causal_lm_loss
@@ -114,9 +114,29 @@ class _Steps:
             self.bar.set_postfix({k: f"{v.item():.3f}" if torch.is_tensor(v) else v for k, v in shown.items()})
 
 
+def stage0_lm_config(cfg: ModelConfig, new_norms: bool = False) -> LMConfig:
+    """The stage-0 language model's config: ``cfg.lm`` without dropout, and without TinyGPT-V's new norms (QK
+    LayerNorm, post-attention RMSNorm) unless ``new_norms``. Phi-2, which the paper starts from, has none; the
+    official code inserts them at LayerNorm(1, 0) / RMSNorm(1) (:func:`tinygptv.model.phi.init_new_norms`)."""
+    return replace(cfg.lm, qk_norm=cfg.lm.qk_norm and new_norms, post_attn_norm=cfg.lm.post_attn_norm and new_norms,
+                   resid_dropout=0.0)
+
+
+def stage0_lm(cfg: ModelConfig, new_norms: bool = False) -> PhiLM:
+    """The stage-0 language model (:func:`stage0_lm_config`); with ``new_norms`` it is pretrained with the new norms
+    in place, their biases frozen at 0 as stages 1–4 keep them (reference §9.10)."""
+    lm = PhiLM(stage0_lm_config(cfg, new_norms))
+    for name, p in lm.named_parameters():
+        if name.endswith(("q_norm.bias", "k_norm.bias")):
+            p.requires_grad_(False)
+    return lm
+
+
 def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, batch: int = 32,
-                seq_len: int = 128, lr: float = 2e-3, seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
-    """Causal-LM pretraining of the plain Phi decoder on ``lines``; returns its state dict.
+                seq_len: int = 128, lr: float = 2e-3, seed: int = 0, amp: str = "auto",
+                new_norms: bool = False) -> dict[str, torch.Tensor]:
+    """Causal-LM pretraining of the Phi decoder on ``lines`` (with TinyGPT-V's new norms if ``new_norms``, see
+    :func:`stage0_lm`); returns its state dict.
 
     The lines are concatenated (each ends with ``<|endoftext|>``) and every training window starts at the start of
     a line, so a scene document is seen whole, description before its questions (windows at random offsets cut
@@ -124,8 +144,7 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     61 %, with 128-token instead of 96-token windows too).
     """
     torch.manual_seed(seed)
-    plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
-    lm = PhiLM(plain)
+    lm = stage0_lm(cfg, new_norms)
     _init_(lm, seed)
     data, starts = line_windows(tok, lines, seq_len)
     opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM")
@@ -278,7 +297,8 @@ def qa_example(qas: list[tuple[str, str]], rng: random.Random, chat: float) -> E
 def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], lines: list[str],
                         scenes: ObjectFn, steps: int, batch: int = 24, text_batch: int = 8, lr: float = 2e-3,
                         key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25, boxes: bool = False,
-                        n_slots: int | None = None, seed: int = 0, amp: str = "auto") -> dict[str, torch.Tensor]:
+                        n_slots: int | None = None, seed: int = 0, amp: str = "auto",
+                        new_norms: bool = False) -> dict[str, torch.Tensor]:
     """Continue the stage-0 LM on object tokens (:func:`object_slots`), as it will read them from the vision
     tower: questions about them (:func:`qa_example`), or for ``describe`` of the scenes their description right
     after them (the layout of stage 1, whose captions are all the projection learns from), plus ``text_batch``
@@ -290,13 +310,13 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     present). With ``boxes`` every object also has four corner slots (:func:`object_tokens`), and the number tokens
     get the :class:`CornerCode` of their value before training, so that ``[refer]`` / ``[identify]`` questions
     about the object tokens can be answered (the recipe's grounding phase, after a phase without). Returns the new
-    state dict. ``n_slots``: object-token slots (default: the Q-Former's query count).
+    state dict. ``n_slots``: object-token slots (default: the Q-Former's query count). ``new_norms``: as the
+    LM was pretrained (:func:`stage0_lm`).
     """
     torch.manual_seed(seed)
-    plain = replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0)
-    lm = PhiLM(plain)
+    lm = stage0_lm(cfg, new_norms)
     lm.load_state_dict(lm_state)
-    code = CornerCode(plain.hidden)
+    code = CornerCode(lm.cfg.hidden)
     if boxes:
         code.code_numbers_(lm, tok)
     seq_len = 128
@@ -434,16 +454,16 @@ class AuxHeads(torch.nn.Module):
 
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
-                    seed: int = 0, vit_steps: int = 0, amp: str = "auto") -> tuple[dict, dict, dict]:
-    """Train ViT + Q-Former (+ a temporary projection) through the frozen plain LM on (image, text) pairs.
+                    seed: int = 0, vit_steps: int = 0, amp: str = "auto",
+                    new_norms: bool = False) -> tuple[dict, dict, dict]:
+    """Train ViT + Q-Former (+ a projection) through the frozen stage-0 LM (``new_norms``: as it was pretrained,
+    :func:`stage0_lm`) on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
     ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision`` and Q-Former state dicts.
     """
     torch.manual_seed(seed)
-    plain = replace(cfg, lm=replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0),
-                    lora=replace(cfg.lora, r=0))
-    model = TinyGPTV(plain)
+    model = TinyGPTV(replace(cfg, lm=stage0_lm_config(cfg, new_norms), lora=replace(cfg.lora, r=0)))
     _init_(model, seed)
     _fan_in_init_(model.qformer, seed)
     model.lm.load_state_dict(lm_state)
