@@ -259,7 +259,7 @@ def _train_nano(args) -> int:
 
     out = Path(args.output if args.output != "runs/train" else "runs/nano")
     summary = recipe.run(out, seed=args.seed, steps_scale=args.steps_scale, world_scale=args.world_scale,
-                         eval_size=args.eval_size, amp=args.amp)
+                         eval_size=args.eval_size, amp=args.amp, new_norms=args.stage0_norms == "pretrained")
     final = Path(summary["final"])
     runs = {q: evaluate(final, out / "world", out / f"eval-{q}", quantize=None if q == "fp32" else q)
             for q in args.eval_quantize.split(",") if q}
@@ -271,6 +271,7 @@ def _train_nano(args) -> int:
     if runs:
         report = Path(args.report) if args.report else out / "nano.md"
         command = ("tinygptv train --recipe nano" + (f" --amp {args.amp}" if args.amp != "auto" else "")
+                   + (" --stage0-norms inserted" if args.stage0_norms == "inserted" else "")
                    + (" --bundle" if args.bundle else ""))
         print(write_report(report, summary, runs, recipe.losses(out), size, command))
     return 0
@@ -385,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training precision: auto = bf16 autocast where the CPU has fast bf16 (AMX, AVX-512-BF16), "
                         "fp32 elsewhere; none = fp32 everywhere; bf16 = bf16 autocast (the bundled model was trained "
                         "so)")
+    g.add_argument("--stage0-norms", choices=["pretrained", "inserted"], default="pretrained",
+                   help="pretrained: the stage-0 LM trains with the paper's QK LayerNorm and post-attention RMSNorm "
+                        "in place; inserted: it trains without them and the base inserts them at their initial "
+                        "values, as the official code does with Phi-2 (the paper's setting for `tinygptv ablate`)")
     g.add_argument("--eval-quantize", default="fp32,int8", help="evaluate the final model at these precisions")
     g.add_argument("--bundle", action="store_true", help="write the final model into the package (the default model)")
     g.add_argument("--report", help="write the results table here (default: <output>/nano.md)")

@@ -285,13 +285,17 @@ def scene_pairs(seed: int, size: int):
 
 
 def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: float = 1.0,
-        eval_size: int = 200, amp: str = "auto") -> dict:
+        eval_size: int = 200, amp: str = "auto", new_norms: bool = STAGE0_NEW_NORMS) -> dict:
     """Run (or continue) the whole nano recipe under ``out``; returns a summary with timings and accuracies.
 
     ``amp``: training precision (``auto``: bf16 autocast on CPUs with fast bf16, fp32 elsewhere; ``none``: fp32
     everywhere, the previous bundle's precision; ``bf16``: the bundled model's). It is resolved once and recorded in
     ``out/precision.json``; continuing a run at another precision is an error, so one model is never trained
     half in each.
+
+    ``new_norms``: the stage-0 LM is pretrained with the paper's new norms in place (:data:`STAGE0_NEW_NORMS`);
+    ``False`` pretrains the plain decoder and the base inserts them at the reference's initial values, as the
+    official code does with Phi-2. Continuing a run with the other choice is an error.
     """
     from tinygptv.synth.generate import generate_world
     from tinygptv.train.loop import resolve_amp, train
@@ -339,6 +343,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         # the LM after its text phase, its object-token phase and its grounding phase (a continued recipe skips what
         # is saved and keeps the times recorded when it ran)
         files = {name: out / "stage0" / f"{name}.safetensors" for name in ("lm", "lm-objects", "lm-grounding")}
+        _check_stage0_norms(out, new_norms)
         lm_state, previous = None, files["lm"]
         for name, phase in (("lm", "stage0_lm"), ("lm-objects", "stage0_lm_objects"),
                             ("lm-grounding", "stage0_lm_grounding")):
@@ -348,7 +353,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
             elif name == "lm":
                 docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
                 lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
-                                              seed=seed, amp=amp, new_norms=STAGE0_NEW_NORMS)
+                                              seed=seed, amp=amp, new_norms=new_norms)
             else:
                 if lm_state is None:
                     lm_state = load_file(str(previous))
@@ -358,7 +363,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
                     steps=max(2, round((GROUNDING_STEPS if grounded else OBJECT_STEPS) * steps_scale)),
                     lr=GROUNDING_LR if grounded else 2e-3, key_last=0.0 if grounded else 0.4,
                     describe=0.1 if grounded else 0.25, boxes=grounded, n_slots=None if grounded else ATTRIBUTE_SLOTS,
-                    seed=seed, amp=amp, new_norms=STAGE0_NEW_NORMS)
+                    seed=seed, amp=amp, new_norms=new_norms)
             if not done:
                 save_file(lm_state, str(files[name]))
             previous = files[name]
@@ -370,7 +375,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         vis, qf, proj = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
                                          vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp,
-                                               new_norms=STAGE0_NEW_NORMS)
+                                               new_norms=new_norms)
         # the base keeps the projection the tower was trained through; with a fresh one (the official start) the
         # same recipe ended at referring boxes 8.2 %, count 60 % (runs/nano-phased16) against 16.3 / 75 %
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj)
@@ -388,9 +393,29 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         ran(name, t, todo)
         init = final
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "step_times_s": recorded,
-               "final": str(init), "amp": amp}
+               "final": str(init), "amp": amp, "stage0_norms": "pretrained" if new_norms else "inserted"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def stage0_norms(out: str | Path) -> str | None:
+    """``"pretrained"`` or ``"inserted"``: how the stage-0 LM saved under a recipe output met the new norms (see
+    :func:`run`'s ``new_norms``); ``None`` if none is saved."""
+    lm_file = Path(out) / "stage0" / "lm.safetensors"
+    if not lm_file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(lm_file), "pt") as f:
+        return "pretrained" if any(".post_attn_norm." in k or ".q_norm." in k for k in f.keys()) else "inserted"
+
+
+def _check_stage0_norms(out: Path, new_norms: bool) -> None:
+    """Refuse to continue a run whose saved stage-0 LM was pretrained with the other ``new_norms`` choice."""
+    had = stage0_norms(out)
+    if had is not None and had != ("pretrained" if new_norms else "inserted"):
+        raise ValueError(f"{out}: its stage-0 LM was pretrained with --stage0-norms {had}; continue with that choice "
+                         f"or start a new --output")
 
 
 def losses(out: Path) -> dict[str, float | None]:
@@ -410,4 +435,4 @@ def bundle(final: str | Path, dest: str | Path) -> Path:
     return tinygptv.save(model, dest)
 
 
-__all__ = ["bundle", "losses", "nano_config", "run", "stage_config"]
+__all__ = ["bundle", "losses", "nano_config", "run", "stage0_norms", "stage_config"]
