@@ -49,10 +49,10 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
     with pytest.raises(ValueError, match=f"was trained with amp='{amp}'.*--amp {amp}"):
         run(out, steps_scale=0.004, world_scale=0.03, eval_size=4, amp=other)
     # so is the stage-0 LM's norm choice, when the base is to be rebuilt from its saved LM
-    assert third["stage0_norms"] == "pretrained"
+    assert third["stage0_norms"] == "inserted"
     shutil.rmtree(out / "stage0" / "base")
-    with pytest.raises(ValueError, match="stage-0 LM was pretrained with --stage0-norms pretrained"):
-        run(out, steps_scale=0.004, world_scale=0.03, eval_size=4, new_norms=False)
+    with pytest.raises(ValueError, match="stage-0 LM was pretrained with --stage0-norms inserted"):
+        run(out, steps_scale=0.004, world_scale=0.03, eval_size=4, new_norms=True)
 
 
 @pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")

@@ -271,7 +271,7 @@ def _train_nano(args) -> int:
     if runs:
         report = Path(args.report) if args.report else out / "nano.md"
         command = ("tinygptv train --recipe nano" + (f" --amp {args.amp}" if args.amp != "auto" else "")
-                   + (" --stage0-norms inserted" if args.stage0_norms == "inserted" else "")
+                   + (" --stage0-norms pretrained" if args.stage0_norms == "pretrained" else "")
                    + (" --bundle" if args.bundle else ""))
         print(write_report(report, summary, runs, recipe.losses(out), size, command))
     return 0
@@ -386,10 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training precision: auto = bf16 autocast where the CPU has fast bf16 (AMX, AVX-512-BF16), "
                         "fp32 elsewhere; none = fp32 everywhere; bf16 = bf16 autocast (the bundled model was trained "
                         "so)")
-    g.add_argument("--stage0-norms", choices=["pretrained", "inserted"], default="pretrained",
-                   help="pretrained: the stage-0 LM trains with the paper's QK LayerNorm and post-attention RMSNorm "
-                        "in place; inserted: it trains without them and the base inserts them at their initial "
-                        "values, as the official code does with Phi-2 (the paper's setting for `tinygptv ablate`)")
+    g.add_argument("--stage0-norms", choices=["inserted", "pretrained"], default="inserted",
+                   help="inserted (the bundle's recipe): the stage-0 LM trains without the paper's QK LayerNorm and "
+                        "post-attention RMSNorm and the base inserts them at their initial values, as the official "
+                        "code does with Phi-2; pretrained: the stage-0 LM trains with them in place")
     g.add_argument("--eval-quantize", default="fp32,int8", help="evaluate the final model at these precisions")
     g.add_argument("--bundle", action="store_true", help="write the final model into the package (the default model)")
     g.add_argument("--report", help="write the results table here (default: <output>/nano.md)")

@@ -8,10 +8,10 @@ Variants (each runs stages 1→4 from the same stage-0 backbones and synthetic w
 - ``no_rmsnorm`` — no post-attention RMSNorm;
 - ``no_qknorm`` — no per-head QK LayerNorm.
 
-The variants share the recipe run's stage-0 base. A run with ``--stage0-norms inserted`` gives the paper's setting:
-a plain LM into which the full method inserts the new norms and the ``no_rmsnorm`` / ``no_qknorm`` variants do not.
-With the default ``pretrained`` the frozen LM was trained with them, so those two variants take trained layers out
-of it: their losses then also measure that loss, not only training without the norms.
+The variants share the recipe run's stage-0 base. With the recipe's default ``--stage0-norms inserted`` that is the
+paper's setting: a plain LM into which the full method inserts the new norms and the ``no_rmsnorm`` / ``no_qknorm``
+variants do not. After ``--stage0-norms pretrained`` the frozen LM was trained with them, so those two variants take
+trained layers out of it: their losses then also measure that, not only training without the norms.
 
 For every stage it records the final loss, the number of non-finite losses and the number of logged steps
 whose gradient norm vanished (< 1e-6), and draws all loss curves into one PNG.
@@ -87,7 +87,7 @@ def ablate(nano_out: str | Path, out: str | Path, steps_scale: float = 0.3,
         spec = VARIANTS[name]
         if name in ("no_rmsnorm", "no_qknorm") and stage0_norms(nano_out) == "pretrained":
             log.warning("%s: %s's stage-0 LM was pretrained with the new norms, so this variant takes trained layers "
-                        "out of it; the paper's setting is a recipe run with --stage0-norms inserted", name, nano_out)
+                        "out of it; the paper's setting is a recipe run with --stage0-norms inserted (the default)", name, nano_out)
         init: Path = variant_base(base, spec.get("model", {}), out / name / "base")
         table[name] = {}
         for stage in STAGES:
