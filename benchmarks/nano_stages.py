@@ -1,0 +1,74 @@
+"""Re-run the paper's stages 1→4 of a nano recipe run from its stage-0 base with other learning rates, and score it.
+
+The chain of a run (``nano_chain.py``) shows where stage 0's skills are lost; this script tests a remedy at the
+stages without redoing stage 0 (about an hour): it trains stages 1–4 exactly as the recipe does
+(``tinygptv.nano.recipe.stage_config``, same data, steps and precision) except that the chosen stages' learning rates
+(warm-up, peak and floor) are multiplied by ``--lr-scale``, then evaluates the final model with the recipe's
+evaluation (``tinygptv.nano.evaluate``) and writes the nano report next to it.
+
+Usage (from the repository root): ``python benchmarks/nano_stages.py --run runs/nano-normed --out
+runs/nano-normed-lowlr --stages stage1,stage2,stage3 --lr-scale 0.1`` → ``<out>/nano.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tinygptv.nano.evaluate import evaluate
+from tinygptv.nano.recipe import losses, stage_config
+from tinygptv.nano.report import write_report
+from tinygptv.train.loop import train
+
+log = logging.getLogger("nano_stages")
+LR_KEYS = ("optim.init_lr", "optim.min_lr", "optim.warmup_lr")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="output folder of `tinygptv train --recipe nano` (its stage-0 base "
+                                                 "and world are reused)")
+    ap.add_argument("--out", required=True, help="new output folder for stages 1-4 and the evaluation")
+    ap.add_argument("--stages", default="stage1,stage2,stage3", help="stages whose learning rates are scaled")
+    ap.add_argument("--lr-scale", type=float, required=True)
+    ap.add_argument("--eval-quantize", default="fp32", help="precisions to evaluate at, e.g. fp32,int8")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    run, out = Path(args.run), Path(args.out)
+    base, world = run / "stage0" / "base", run / "world"
+    if not (base / "config.yaml").is_file():
+        raise SystemExit(f"{run}: no stage-0 base (run the nano recipe first)")
+    amp = json.loads((run / "precision.json").read_text())["amp"]
+    scaled = {s for s in args.stages.split(",") if s}
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "precision.json", out / "precision.json")
+    timings: dict[str, float] = {}
+    init = base
+    for name in ("stage1", "stage2", "stage3", "stage4"):
+        cfg = stage_config(name, init, 1.0, amp)
+        if name in scaled:
+            cfg = cfg.with_overrides({k: getattr(cfg.optim, k.split(".")[1]) * args.lr_scale for k in LR_KEYS})
+        t0 = time.perf_counter()
+        if not (out / name / "final" / "config.yaml").is_file():
+            train(cfg, world, out / name, resume=True)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        init = out / name / "final"
+    summary = {"timings_s": timings, "step_times_s": timings, "final": str(init), "amp": amp,
+               "lr_scale": {s: args.lr_scale for s in sorted(scaled)}, "stage0_base": str(base)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    runs = {q: evaluate(init, world, out / f"eval-{q}", quantize=None if q == "fp32" else q)
+            for q in args.eval_quantize.split(",") if q}
+    command = (f"python benchmarks/nano_stages.py --run {args.run} --out {args.out} --stages {args.stages} "
+               f"--lr-scale {args.lr_scale}")
+    print(write_report(out / "nano.md", summary, runs, losses(out), None, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
