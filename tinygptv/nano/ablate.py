@@ -86,8 +86,9 @@ def ablate(nano_out: str | Path, out: str | Path, steps_scale: float = 0.3,
     for name in variants or list(VARIANTS):
         spec = VARIANTS[name]
         if name in ("no_rmsnorm", "no_qknorm") and stage0_norms(nano_out) == "pretrained":
-            log.warning("%s: %s's stage-0 LM was pretrained with the new norms, so this variant takes trained layers "
-                        "out of it; the paper's setting is a recipe run with --stage0-norms inserted (the default)", name, nano_out)
+            log.warning("%s: %s's stage-0 LM was pretrained with the new norms, so this variant takes trained "
+                        "layers out of it; the paper's setting is a recipe run with --stage0-norms inserted (the "
+                        "default)", name, nano_out)
         init: Path = variant_base(base, spec.get("model", {}), out / name / "base")
         table[name] = {}
         for stage in STAGES:

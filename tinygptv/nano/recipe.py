@@ -295,8 +295,8 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
     ``out/precision.json``; continuing a run at another precision is an error, so one model is never trained
     half in each.
 
-    ``new_norms``: the stage-0 LM is pretrained with the paper's new norms in place (:data:`STAGE0_NEW_NORMS`);
-    ``False`` pretrains the plain decoder and the base inserts them at the reference's initial values, as the
+    ``new_norms`` (default :data:`STAGE0_NEW_NORMS`, off): pretrain the stage-0 LM with the paper's new norms in
+    place; off, it pretrains the plain decoder and the base inserts them at the reference's initial values, as the
     official code does with Phi-2. Continuing a run with the other choice is an error.
     """
     from tinygptv.synth.generate import generate_world
@@ -377,7 +377,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         vis, qf, proj = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
                                          vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp,
-                                               new_norms=new_norms)
+                                         new_norms=new_norms)
         # the base keeps the projection the tower was trained through; with a fresh one (the official start) the
         # same recipe ended at referring boxes 8.2 %, count 60 % (runs/nano-phased16) against 16.3 / 75 %
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj)

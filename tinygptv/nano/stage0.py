@@ -460,7 +460,8 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     :func:`stage0_lm`) on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
-    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision`` and Q-Former state dicts.
+    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision``, Q-Former and projection
+    state dicts.
     """
     torch.manual_seed(seed)
     model = TinyGPTV(replace(cfg, lm=stage0_lm_config(cfg, new_norms), lora=replace(cfg.lora, r=0)))
