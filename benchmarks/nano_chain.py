@@ -30,6 +30,7 @@ import tinygptv
 from tinygptv.eval.answers import read_answers
 from tinygptv.eval.metrics import parse_box_tolerant
 from tinygptv.eval.runner import run_eval
+from tinygptv.nano.recipe import stage0_norms
 from tinygptv.synth.evalsets import category_breakdown
 
 log = logging.getLogger("nano_chain")
@@ -45,17 +46,6 @@ def without_new_norms(model):
         block.attn.q_norm = block.attn.k_norm = None
         block.post_attn_norm = None
     return model
-
-
-def norms_at_init(model) -> bool:
-    """Whether the base's new norms are at the reference's initial values (inserted into a plain stage-0 LM) rather
-    than pretrained with it (the recipe's ``STAGE0_NEW_NORMS``)."""
-    for block in model.lm.layers:
-        for norm in (block.attn.q_norm, block.attn.k_norm, block.post_attn_norm):
-            if norm is not None and ((norm.weight != 1).any() or (getattr(norm, "bias", None) is not None
-                                                                   and (norm.bias != 0).any())):
-                return False
-    return True
 
 
 def box_stats(answers: Path) -> dict[str, float]:
@@ -97,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = tinygptv.load(ckpt)
         if label.startswith("base without"):
-            if not norms_at_init(model):
+            if stage0_norms(run) == "pretrained":
                 log.info("%s: skipped, the stage-0 LM was pretrained with the new norms", label)
                 continue
             model = without_new_norms(model)

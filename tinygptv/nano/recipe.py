@@ -318,6 +318,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
             log.warning("%s holds earlier work without a recorded precision; the rest is trained with amp=%s",
                         out, amp)
         precision_file.write_text(json.dumps({"amp": amp}))
+    norms = "pretrained" if new_norms else "inserted"  # the --stage0-norms choice, as recorded
     timings: dict[str, float] = {}  # this call
     times_file = out / "timings.json"  # every step's time when it ran (a continued recipe keeps the first ones)
     recorded: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
@@ -345,7 +346,10 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         # the LM after its text phase, its object-token phase and its grounding phase (a continued recipe skips what
         # is saved and keeps the times recorded when it ran)
         files = {name: out / "stage0" / f"{name}.safetensors" for name in ("lm", "lm-objects", "lm-grounding")}
-        _check_stage0_norms(out, new_norms)
+        had = stage0_norms(out)
+        if had not in (None, norms):
+            raise ValueError(f"{out}: its stage-0 LM was pretrained with --stage0-norms {had}; continue with that "
+                             f"choice or start a new --output")
         lm_state, previous = None, files["lm"]
         for name, phase in (("lm", "stage0_lm"), ("lm-objects", "stage0_lm_objects"),
                             ("lm-grounding", "stage0_lm_grounding")):
@@ -395,7 +399,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         ran(name, t, todo)
         init = final
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "step_times_s": recorded,
-               "final": str(init), "amp": amp, "stage0_norms": "pretrained" if new_norms else "inserted"}
+               "final": str(init), "amp": amp, "stage0_norms": norms}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -410,14 +414,6 @@ def stage0_norms(out: str | Path) -> str | None:
 
     with safe_open(str(lm_file), "pt") as f:
         return "pretrained" if any(".post_attn_norm." in k or ".q_norm." in k for k in f.keys()) else "inserted"
-
-
-def _check_stage0_norms(out: Path, new_norms: bool) -> None:
-    """Refuse to continue a run whose saved stage-0 LM was pretrained with the other ``new_norms`` choice."""
-    had = stage0_norms(out)
-    if had is not None and had != ("pretrained" if new_norms else "inserted"):
-        raise ValueError(f"{out}: its stage-0 LM was pretrained with --stage0-norms {had}; continue with that choice "
-                         f"or start a new --output")
 
 
 def losses(out: Path) -> dict[str, float | None]:
