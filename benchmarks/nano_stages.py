@@ -1,13 +1,15 @@
-"""Re-run the paper's stages 1→4 of a nano recipe run from its stage-0 base with other learning rates, and score it.
+"""Re-run the paper's stages of a nano recipe run with changed settings, and score the result.
 
 The chain of a run (``nano_chain.py``) shows where stage 0's skills are lost; this script tests a remedy at the
-stages without redoing stage 0 (about an hour): it trains stages 1–4 exactly as the recipe does
-(``tinygptv.nano.recipe.stage_config``, same data, steps and precision) except that the chosen stages' learning rates
-(warm-up, peak and floor) are multiplied by ``--lr-scale``, then evaluates the final model with the recipe's
-evaluation (``tinygptv.nano.evaluate``) and writes the nano report next to it.
+stages without redoing stage 0 (about an hour): it trains stages 1–4, or the stages from ``--start`` on (the earlier
+ones are the run's own), exactly as the recipe does (``tinygptv.nano.recipe.stage_config``, same data, steps and
+precision) except that the ``--stages`` learning rates (warm-up, peak and floor) are multiplied by ``--lr-scale``
+and the ``--set`` overrides are applied, then evaluates the final model with the recipe's evaluation
+(``tinygptv.nano.evaluate``) and writes the nano report next to it.
 
 Usage (from the repository root): ``python benchmarks/nano_stages.py --run runs/nano-normed --out
-runs/nano-normed-lowlr --stages stage1,stage2,stage3 --lr-scale 0.1`` → ``<out>/nano.md``.
+runs/nano-normed-lowlr --stages stage1,stage2,stage3 --lr-scale 0.1`` or ``python benchmarks/nano_stages.py --run
+runs/nano --out runs/nano-refer3 --start stage4 --set stage4:data.mixture.refcoco.ratio=75`` → ``<out>/nano.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from tinygptv.nano.evaluate import evaluate
 from tinygptv.nano.recipe import losses, stage_config
 from tinygptv.nano.report import write_report
@@ -27,6 +31,20 @@ from tinygptv.train.loop import train
 
 log = logging.getLogger("nano_stages")
 LR_KEYS = ("optim.init_lr", "optim.min_lr", "optim.warmup_lr")
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``["stage4:data.mixture.gqa.ratio=100", ...]`` → ``{"stage4": {"data.mixture.gqa.ratio": 100}}`` (values
+    parsed as YAML)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        stage, sep, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if not sep or not eq or stage not in STAGES or not key:
+            raise SystemExit(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of {', '.join(STAGES)}")
+        out.setdefault(stage, {})[key] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  "and world are reused)")
     ap.add_argument("--out", required=True, help="new output folder for stages 1-4 and the evaluation")
     ap.add_argument("--stages", default="stage1,stage2,stage3", help="stages whose learning rates are scaled")
-    ap.add_argument("--lr-scale", type=float, required=True)
+    ap.add_argument("--lr-scale", type=float, default=1.0)
+    ap.add_argument("--start", default="stage1", choices=STAGES,
+                    help="first stage to re-run; the stages before it are the run's own")
+    ap.add_argument("--set", nargs="*", default=[], metavar="STAGE:KEY=VALUE",
+                    help="stage config overrides, e.g. stage4:data.mixture.refcoco.ratio=75")
     ap.add_argument("--eval-quantize", default="fp32", help="precisions to evaluate at, e.g. fp32,int8")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -46,27 +68,35 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{run}: no stage-0 base (run the nano recipe first)")
     amp = json.loads((run / "precision.json").read_text())["amp"]
     scaled = {s for s in args.stages.split(",") if s}
+    sets = parse_sets(args.set)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "precision.json", out / "precision.json")
     timings: dict[str, float] = {}
-    init = base
-    for name in ("stage1", "stage2", "stage3", "stage4"):
+    first = STAGES.index(args.start)
+    init = base if first == 0 else run / STAGES[first - 1] / "final"
+    if not (init / "config.yaml").is_file():
+        raise SystemExit(f"{init}: not there (the run has not finished the stage before {args.start})")
+    for name in STAGES[first:]:
         cfg = stage_config(name, init, 1.0, amp)
-        if name in scaled:
+        if name in scaled and args.lr_scale != 1.0:
             cfg = cfg.with_overrides({k: getattr(cfg.optim, k.split(".")[1]) * args.lr_scale for k in LR_KEYS})
+        if name in sets:
+            cfg = cfg.with_overrides(sets[name])
         t0 = time.perf_counter()
         if not (out / name / "final" / "config.yaml").is_file():
             train(cfg, world, out / name, resume=True)
         timings[name] = round(time.perf_counter() - t0, 1)
         init = out / name / "final"
     summary = {"timings_s": timings, "step_times_s": timings, "final": str(init), "amp": amp,
-               "lr_scale": {s: args.lr_scale for s in sorted(scaled)}, "stage0_base": str(base)}
+               "lr_scale": {s: args.lr_scale for s in sorted(scaled)}, "stage0_base": str(base),
+               "start": args.start, "overrides": sets}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     runs = {q: evaluate(init, world, out / f"eval-{q}", quantize=None if q == "fp32" else q)
             for q in args.eval_quantize.split(",") if q}
     command = (f"python benchmarks/nano_stages.py --run {args.run} --out {args.out} --stages {args.stages} "
-               f"--lr-scale {args.lr_scale}")
-    print(write_report(out / "nano.md", summary, runs, losses(out), None, command))
+               f"--lr-scale {args.lr_scale} --start {args.start}" + "".join(f" --set {x}" for x in args.set))
+    stage_losses = {**losses(run), **{k: v for k, v in losses(out).items() if v is not None}}
+    print(write_report(out / "nano.md", summary, runs, stage_losses, None, command))
     return 0
 
 
