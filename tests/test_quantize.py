@@ -199,3 +199,34 @@ def test_generation_returns_freed_memory_when_a_request_ends(monkeypatch):
     next(stream)
     stream.close()  # a client that stops reading mid-stream
     assert calls == [1, 1]
+
+
+def test_dynamic_int8_uses_8_bit_activations_only_where_vnni_accumulates_in_32_bits():
+    from tinygptv.infer.quantize import reduce_range
+
+    assert reduce_range(frozenset({"avx2", "fma"})) is True  # vpmaddubsw's 16-bit sums could saturate
+    assert reduce_range(frozenset()) is True  # unknown CPU: the safe default
+    for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert reduce_range(frozenset({"avx2", vnni})) is False
+
+
+@pytest.mark.skipif(not __import__("tinygptv.infer.quantize", fromlist=["x"]).dynamic_int8_available(),
+                    reason="no dynamic int8 kernel")
+def test_dynamic_int8_error_with_the_chosen_activation_bits():
+    """On a VNNI CPU the kernel runs with 8-bit activations and its error against the float product is clearly
+    smaller than with 7 bits; elsewhere it keeps PyTorch's 7 bits."""
+    from tinygptv.infer.quantize import reduce_range
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 512)
+    x = torch.randn(64, 256, generator=g)
+    x[:, :4] *= 8  # a few outlier channels widen the per-tensor range, as in real activations
+    q = Int8Linear.from_weight(lin.weight.detach(), lin.bias.detach(), kernel="dynamic")
+    exact = x @ (q.dequantize()).T + lin.bias.detach()
+    err = {bits: (torch.ops.quantized.linear_dynamic(x, q._prepack(), bits == 7) - exact).abs().mean().item()
+           for bits in (7, 8)}
+    if not reduce_range():
+        assert err[8] < 0.7 * err[7]
+    with torch.no_grad():
+        got = q(x)
+    assert (got - exact).abs().mean().item() == pytest.approx(err[7 if reduce_range() else 8], rel=1e-5)
