@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tinygptv.infer.quantize import Int8Linear
+from tinygptv.infer.quantize import Int8Linear, reduce_range
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"qkv 2560→7680": (2560, 7680), "dense 2560→2560": (2560, 2560), "fc1 2560→10240": (2560, 10240),
@@ -48,12 +48,12 @@ def pack(weight: torch.Tensor, engine: str):
 
 def time_per_layer(x: torch.Tensor, packed: list) -> float:
     for p in packed:
-        torch.ops.quantized.linear_dynamic(x, p, True)
+        torch.ops.quantized.linear_dynamic(x, p, reduce_range())
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         for p in packed:
-            torch.ops.quantized.linear_dynamic(x, p, True)
+            torch.ops.quantized.linear_dynamic(x, p, reduce_range())
         best = min(best, (time.perf_counter() - t) / len(packed))
     return best
 

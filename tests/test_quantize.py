@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tinygptv
-from tinygptv.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, QuantConfig, quantize_model, quantized_bytes
+from tinygptv.infer.quantize import (Int4Linear, Int8Embedding, Int8Linear, QuantConfig, dynamic_int8_available,
+                                     quantize_model, quantized_bytes, reduce_range)
 
 TOL = {"bf16": 0.03, "int8": 0.12, "int4": 0.4}
 
@@ -128,8 +129,6 @@ def test_chunked_quantization_equals_whole(monkeypatch):
 
 
 def test_kernels_are_packed_at_load(tmp_path, ids):
-    from tinygptv.infer.quantize import dynamic_int8_available
-
     if not dynamic_int8_available():
         pytest.skip("no fbgemm/x86 quantized engine")
     model = tinygptv.load("small", seed=1, quantize="int8")
@@ -202,27 +201,22 @@ def test_generation_returns_freed_memory_when_a_request_ends(monkeypatch):
 
 
 def test_dynamic_int8_uses_8_bit_activations_only_where_vnni_accumulates_in_32_bits():
-    from tinygptv.infer.quantize import reduce_range
-
     assert reduce_range(frozenset({"avx2", "fma"})) is True  # vpmaddubsw's 16-bit sums could saturate
     assert reduce_range(frozenset()) is True  # unknown CPU: the safe default
     for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
         assert reduce_range(frozenset({"avx2", vnni})) is False
 
 
-@pytest.mark.skipif(not __import__("tinygptv.infer.quantize", fromlist=["x"]).dynamic_int8_available(),
-                    reason="no dynamic int8 kernel")
+@pytest.mark.skipif(not dynamic_int8_available(), reason="no dynamic int8 kernel")
 def test_dynamic_int8_error_with_the_chosen_activation_bits():
     """On a VNNI CPU the kernel runs with 8-bit activations and its error against the float product is clearly
     smaller than with 7 bits; elsewhere it keeps PyTorch's 7 bits."""
-    from tinygptv.infer.quantize import reduce_range
-
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(256, 512)
     x = torch.randn(64, 256, generator=g)
     x[:, :4] *= 8  # a few outlier channels widen the per-tensor range, as in real activations
     q = Int8Linear.from_weight(lin.weight.detach(), lin.bias.detach(), kernel="dynamic")
-    exact = x @ (q.dequantize()).T + lin.bias.detach()
+    exact = x @ q.dequantize().T + lin.bias.detach()
     err = {bits: (torch.ops.quantized.linear_dynamic(x, q._prepack(), bits == 7) - exact).abs().mean().item()
            for bits in (7, 8)}
     if not reduce_range():

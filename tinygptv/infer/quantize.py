@@ -86,7 +86,6 @@ def quantize_rows_int8(weight: torch.Tensor, qweight: torch.Tensor, scale: torch
         scale[rows] = s
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")

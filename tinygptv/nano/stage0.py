@@ -4,7 +4,8 @@
    Phi-2's 50256 plays all three roles).
 2. **Language model**: a plain Phi decoder (no QK-norm, no post-attention RMSNorm, no LoRA — like the public
    Phi-2; ``new_norms`` pretrains it with the two norms in place instead, :func:`stage0_lm`) pretrained as a
-   causal LM on the world's text and on scene documents (a description, then questions it answers), so that, like Phi-2, it can answer from what precedes a question; then on *object tokens* — one
+   causal LM on the world's text and on scene documents (a description, then questions it answers), so that, like
+   Phi-2, it can answer from what precedes a question; then on *object tokens* — one
    input vector per object, the sum of the embeddings of its words (size, colour, shape, place), in 16 slots —
    followed by questions about them or a description (:func:`pretrain_lm_objects`, the attribute phase); then,
    in a grounding phase, on object tokens with four more slots per object holding its box's corner coordinates
@@ -27,8 +28,8 @@
    the queries say where things are (:meth:`AuxHeads.box_loss`).
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
    the official files — the new norms at the reference's initial values (§2.3; trained values when the LM was
-   pretrained with them), LoRA-B = 0 — then frozen by the paper's stages. One deliberate difference: the projections are the ones the vision loop trained the tower
-   through (as the paper describes its first projection, taken from a pretrained MiniGPT-4; the official code
+   pretrained with them), LoRA-B = 0 — then frozen by the paper's stages. One deliberate difference: the
+   projections are the ones the vision loop trained the tower through (as the paper describes its first projection, taken from a pretrained MiniGPT-4; the official code
    starts them random, §1.4), so stage 1 starts from image tokens the frozen LM already reads (measured: referring
    boxes 8.2 → 16.3 %, count 60 → 75 % after stage 4). :func:`assemble_base` without them draws fresh ones, the
    second from a Gaussian scaled so image embeddings have the RMS of the LM's token embeddings: with PyTorch's
