@@ -57,7 +57,6 @@ from tinygptv.image import preprocess
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import Example, build_batch, causal_lm_loss
 from tinygptv.model.tinygptv import TinyGPTV
-from tinygptv.system import keep_freed_memory
 from tinygptv.templates import get_template
 from tinygptv.tokenizer import EOS_TOKEN, Tokenizer
 from tinygptv.weights.common import ImportReport, assign_tensors
@@ -96,7 +95,6 @@ class _Steps:
     clipped at 1.0, and a progress bar showing the given values every 50 steps. Iterate for the step numbers."""
 
     def __init__(self, params, steps: int, lr: float, weight_decay: float, desc: str):
-        keep_freed_memory()
         self.params = list(params)
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
         self.steps, self.lr = steps, lr

@@ -27,7 +27,6 @@ from torch import nn
 
 import tinygptv
 from tinygptv.config import PRESETS, ConfigError, preset
-from tinygptv.system import keep_freed_memory
 from tinygptv.templates import get_template
 from tinygptv.train.config import StageConfig
 from tinygptv.train.schedule import lr_at
@@ -129,7 +128,6 @@ def train(cfg: StageConfig, data_root: str | Path, output_dir: str | Path, resum
 
     rank, world, local_rank = distributed_env()
     device = pick_device(cfg.run.device, local_rank)
-    keep_freed_memory()
     cfg.run.amp = resolve_amp(cfg.run.amp, device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
