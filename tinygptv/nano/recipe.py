@@ -129,7 +129,7 @@ EVAL_FORMAT_DATA = {
 # getting a quarter fewer samples; with 6000 steps instead of 4500, so that they get as many as before: referring
 # boxes 37.7 %, identify 42.5 %, spatial 49.5 → 54 %, IconQA-style 85.5 → 89.5 %, colour 90 %, count 67.5 %,
 # VizWiz-style 48 %, HM-style 77 → 72.5 %, caption object recall 62.4 → 58.6 % (stage 4 on an AVX-512-BF16 EPYC:
-# 385 s against 279 s)
+# 385 s against 279 s).
 STAGE4_RATIOS = {"gqa": 250, "flickr_grounded_caption": 30, "flickr_CaptionToPhrase": 30, "flickr_ObjectToPhrase": 30,
                  "refcoco": 75, "refcocop": 75, "refcocog": 75, "invrefcoco": 30, "invrefcocop": 30, "invrefcocog": 30}
 

@@ -14,8 +14,8 @@
    answers colour / shape questions about several objects at the level of a guess among the attributes present,
    also from ideal object tokens, unless the questions first end with their key (``benchmarks/lm_binding.py``).
 3. **Vision tower**: first the ViT alone on per-patch labels (cheap steps: a from-scratch ViT needs thousands of
-   them to tell shapes apart), then ViT + Q-Former (+ the projection) trained BLIP-2-style through the *frozen* pretrained
-   LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
+   them to tell shapes apart), then ViT + Q-Former (+ the projection) trained BLIP-2-style through the *frozen*
+   pretrained LM to generate dense grounded descriptions of scenes, at both training resolutions (the position
    embedding is stored at the stage-1–3 grid and upsampled bicubically for stage-4 images, exactly what
    ``set_image_size`` does later). The caption loss alone lets the Q-Former collapse to an image-independent
    "soft prompt" (measured: equal loss with shuffled images), so, like the supervised pretraining of real vision
@@ -29,12 +29,13 @@
 4. **Base checkpoint**: the TinyGPT-V model assembled from these parts exactly as ``tinygptv import`` assembles
    the official files — the new norms at the reference's initial values (§2.3; trained values when the LM was
    pretrained with them), LoRA-B = 0 — then frozen by the paper's stages. One deliberate difference: the
-   projections are the ones the vision loop trained the tower through (as the paper describes its first projection, taken from a pretrained MiniGPT-4; the official code
-   starts them random, §1.4), so stage 1 starts from image tokens the frozen LM already reads (measured: referring
-   boxes 8.2 → 16.3 %, count 60 → 75 % after stage 4). :func:`assemble_base` without them draws fresh ones, the
-   second from a Gaussian scaled so image embeddings have the RMS of the LM's token embeddings: with PyTorch's
-   default init the nano model's image tokens come out ~12x larger than text tokens and the LM learns to ignore
-   them (measured: equal loss with shuffled images).
+   projections are the ones the vision loop trained the tower through (as the paper describes its first
+   projection, taken from a pretrained MiniGPT-4; the official code starts them random, §1.4), so stage 1
+   starts from image tokens the frozen LM already reads (measured: referring boxes 8.2 → 16.3 %, count 60 → 75 %
+   after stage 4). :func:`assemble_base` without them draws fresh ones, the second from a Gaussian scaled so
+   image embeddings have the RMS of the LM's token embeddings: with PyTorch's default init the nano model's image
+   tokens come out ~12x larger than text tokens and the LM learns to ignore them (measured: equal loss with
+   shuffled images).
 """
 
 from __future__ import annotations
