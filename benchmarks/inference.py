@@ -34,10 +34,20 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ["hf-bf16", "ours-bf16", "ours-int8", "ours-int4"]
-PROMPT_TOKENS = 32  # text tokens after the 32 image tokens
-# TTFT questions: PROMPT_TOKENS characters each (= tokens: the random model uses a byte-level tokenizer)
-QUESTIONS = ("What is shown in the image here?", "Which colours are in the image?!")
-assert all(len(q) == PROMPT_TOKENS for q in QUESTIONS)
+PROMPT_TOKENS = 32  # decode runs: text tokens after the 32 image tokens
+QUESTIONS = ("What is shown in the image here?", "Which colours are in the image?!")  # TTFT, then its follow-up
+# How Phi-2's tokenizer (GPT-2's byte-level BPE; its extra whitespace tokens do not occur here) splits the TTFT
+# prompts' text (stage-4 template, the image between): GPT-2's merge ranks applied with tiktoken (ranks from
+# openai-whisper's gpt2.tiktoken; "Hello world" → 15496, 995 as in GPT-2). The random model gets a tokenizer that
+# splits exactly so (:func:`phi2_split_tokenizer`), and transformers is given as many tokens, so both prefill the
+# prompt's real length: 1 + 7 + 32 + 16 tokens. Runs before 2026-12 used 256 single-byte tokens (1 + 13 + 32 + 47).
+GPT2_SPLIT = {
+    "[INST] <Img>": ["[", "INST", "]", " <", "Im", "g", ">"],
+    f"</Img> {QUESTIONS[0]}  [/INST]": ["</", "Im", "g", ">", " What", " is", " shown", " in", " the", " image", " here",
+                                        "?", " ", " [/", "INST", "]"],
+    f"</Img> {QUESTIONS[1]}  [/INST]": ["</", "Im", "g", ">", " Which", " colours", " are", " in", " the", " image",
+                                        "?!", " ", " [/", "INST", "]"],
+}
 
 
 def model_config(small: bool):
@@ -103,12 +113,36 @@ def build_ours(cfg, mode: str, fast_decode: bool = False):
     from tinygptv.checkpoint import materialize
     from tinygptv.infer.engine import Engine
     from tinygptv.infer.quantize import QuantConfig
-    from tinygptv.tokenizer import Tokenizer
 
     quant = None if mode == "fp32" else QuantConfig(mode=mode)
     model = materialize(cfg, TiledRandom(), quant).eval()
-    model.tokenizer = Tokenizer.byte_level(eos_id=256)
+    model.tokenizer = phi2_split_tokenizer()
     return Engine(model, fast_decode=fast_decode)
+
+
+def phi2_split_tokenizer():
+    """A byte-level BPE that splits the TTFT prompts' text into exactly Phi-2's tokens (:data:`GPT2_SPLIT`): GPT-2's
+    pre-tokenizer, the 256 byte symbols, and each of those tokens built up one byte at a time; checked on every
+    template piece, so a template change fails here instead of silently changing the prompt length."""
+    from tinygptv.templates import IMAGE_PLACEHOLDER, get_template
+    from tinygptv.tokenizer import Tokenizer, bytes_to_unicode
+
+    byte = bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(byte.values())}
+    merges = []
+    for token in dict.fromkeys(t for split in GPT2_SPLIT.values() for t in split):
+        sym = "".join(byte[b] for b in token.encode())
+        for k in range(2, len(sym) + 1):
+            if sym[:k] not in vocab:
+                vocab[sym[:k]] = len(vocab)
+                merges.append((sym[:k - 1], sym[k - 1]))
+    tok = Tokenizer.byte_bpe(vocab, merges)
+    for q in QUESTIONS:
+        for piece in get_template("stage4").user_turn(q, True).split(IMAGE_PLACEHOLDER):
+            got = [tok.decode([i]) for i in tok.encode(piece)]
+            if got != GPT2_SPLIT[piece]:
+                raise AssertionError(f"{piece!r} splits into {got}, Phi-2 into {GPT2_SPLIT[piece]}")
+    return tok
 
 
 def bench_ours(cfg, mode: str, tokens: int) -> dict:
@@ -275,12 +309,11 @@ def bench_hf(cfg, tokens: int) -> dict:
 
 
 def ttft_layout() -> tuple[int, int]:
-    """Text tokens before and after the image in our TTFT prompt (BOS + stage-4 template + question, byte-level
+    """Text tokens before and after the image in our TTFT prompt (BOS + stage-4 template + question, Phi-2's
     tokens); the transformers side is given exactly as many, so both prefill the same sequence length."""
     from tinygptv.templates import IMAGE_PLACEHOLDER, get_template
-    from tinygptv.tokenizer import Tokenizer
 
-    tok = Tokenizer.byte_level(eos_id=256)
+    tok = phi2_split_tokenizer()
     before, after = get_template("stage4").user_turn(QUESTIONS[0], True).split(IMAGE_PLACEHOLDER)
     return 1 + len(tok.encode(before)), len(tok.encode(after))
 

@@ -63,6 +63,34 @@ def test_byte_level_fallback():
     assert Tokenizer.byte_level(eos_id=256).encode("\xff") == [0xC3, 0xBF]  # UTF-8 bytes of ÿ, ids = bytes
 
 
+def test_byte_bpe_in_memory():
+    from tinygptv.tokenizer import bytes_to_unicode
+
+    byte = bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(byte.values())}
+    space = byte[ord(" ")]
+    vocab.update({space + "c": 256, space + "ca": 257, space + "cat": 258})
+    tok = Tokenizer.byte_bpe(vocab, [(space, "c"), (space + "c", "a"), (space + "ca", "t")])
+    ids = tok.encode("a cat cab")
+    assert [tok.decode([i]) for i in ids] == ["a", " cat", " ca", "b"]
+    assert tok.decode(ids) == "a cat cab"
+    assert tok.eos_id == 259
+
+
+def test_inference_benchmark_splits_prompts_as_phi2():
+    """The full-size inference benchmark prefills the TTFT prompt at its real length under Phi-2's tokenizer."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "inference.py"
+    spec = importlib.util.spec_from_file_location("inference_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = bench.phi2_split_tokenizer()  # raises if a template piece splits otherwise
+    assert bench.ttft_layout() == (1 + 7, 16)
+    assert tok.decode(tok.encode(bench.QUESTIONS[1])) == bench.QUESTIONS[1]
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         Tokenizer.from_folder(tmp_path)

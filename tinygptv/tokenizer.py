@@ -88,7 +88,13 @@ class Tokenizer:
             raise ValueError("byte-level tokenizer: eos_id must be in [0, 256]")
         symbols = [bytes_to_unicode()[b] for b in range(256)]
         symbols.insert(eos_id, EOS_TOKEN)
-        backend = _HFTokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+        return cls.byte_bpe({s: i for i, s in enumerate(symbols)}, [])
+
+    @classmethod
+    def byte_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]]) -> "Tokenizer":
+        """A GPT-2-style byte-level BPE from an in-memory ``vocab`` (symbols of :func:`bytes_to_unicode`) and
+        ``merges``; ``<|endoftext|>`` is added as a special token if ``vocab`` lacks it."""
+        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges))
         _byte_level(backend)
         backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
         return cls(backend)
