@@ -61,6 +61,53 @@ def with_identify(questions):
     return ask
 
 
+SPATIAL_SHARE = 0.35
+SIDE = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+
+
+def side_question(scene, rng: random.Random):
+    """``("is the circle to the left or right of the red square?", "left")`` for a random true relation, or None."""
+    from tinygptv.synth.world import relations
+
+    rels = relations(scene)
+    if not rels:
+        return None
+    i, rel, j = rng.choice(rels)
+    a, b = shortest_ref(scene, i).text(), shortest_ref(scene, j).text()
+    ask = (f"is {a} to the left or right of {b}?" if rel in ("left of", "right of")
+           else f"is {a} above or below {b}?")
+    return ask, SIDE[rel]
+
+
+def where_question(scene, rng: random.Random):
+    """``("where is the red circle", "top left")``: an object's place on the 3 × 3 grid, key word last."""
+    from tinygptv.synth.world import region
+
+    i = rng.randrange(len(scene.objects))
+    return f"where is {shortest_ref(scene, i).text()}", region(scene, scene.objects[i].box)
+
+
+def spatial_question(scene, rng: random.Random):
+    """A yes/no spatial question as the object phase asks them (true and opposite statements equally), or None."""
+    from tinygptv.synth.text import questions
+
+    pool = questions(scene, rng)["spatial"]
+    return (lambda qa: (qa.question, qa.answer))(rng.choice(pool)) if pool else None
+
+
+def with_spatial(questions, kinds: tuple):
+    """Wrap ``recipe.object_questions`` so that :data:`SPATIAL_SHARE` of the questions are spatial, drawn evenly
+    from ``kinds`` (question makers: yes/no statements, "left or right" / "above or below", "where is")."""
+    def ask(scene, rng, k, key_last, grounding=(0, 0.0)):
+        out = []
+        for qa in questions(scene, rng, k, key_last, grounding):
+            if rng.random() < SPATIAL_SHARE:
+                qa = rng.choice(kinds)(scene, rng) or qa
+            out.append(qa)
+        return out
+    return ask
+
+
 NUMBER = "#"  # an object word "#35": the box number token "35" as it appears inside ``{<35>…}`` (no leading space)
 
 
@@ -121,12 +168,22 @@ def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, floa
         qa = rng.choice(questions(scene, rng)["count"])
         got = re.findall(r"\d+", answer(lm, tok, cfg, scene, f"[vqa] {qa.question}", rng, g))
         hits.setdefault(f"count{objects}", []).append(got[:1] == [qa.answer])
+    rng, g = random.Random(seed + 2), torch.Generator().manual_seed(seed + 2)
+    for i in range(n // 2):
+        objects = 2 + i % 3
+        scene = sample_scene(rng, f"spatial-{i}", image_size=128, n_objects=objects)
+        for kind, make in (("spatial", spatial_question), ("side", side_question), ("where", where_question)):
+            qa = make(scene, rng)
+            if qa is not None:
+                got = re.findall(r"[a-z]+", answer(lm, tok, cfg, scene, f"[vqa] {qa[0]}", rng, g).lower())
+                hits.setdefault(f"{kind}{objects}", []).append(got[:len(qa[1].split())] == qa[1].split())
     return {key: round(100 * sum(v) / len(v), 1) for key, v in sorted(hits.items())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("base", "identify", "identify-numbers", "count-key-last"), required=True)
+    ap.add_argument("--variant", choices=("base", "identify", "identify-numbers", "count-key-last", "spatial", "spatial-side",
+                                            "spatial-where"), required=True)
     ap.add_argument("--run", default="runs/identify-objects", help="working folder (world, tokenizer, LM states)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -152,6 +209,10 @@ def main() -> None:
         recipe.object_questions = with_identify(recipe.object_questions)  # scene_objects looks it up per call
     if args.variant == "count-key-last":  # count questions asked with their key last early on, as colour / shape
         recipe.KEY_LAST = ("colour", "shape", "count")
+    if args.variant.startswith("spatial"):  # more spatial questions; with "side" also which side
+        kinds = {"spatial": (spatial_question,), "spatial-side": (spatial_question, side_question),
+                 "spatial-where": (where_question, side_question)}[args.variant]
+        recipe.object_questions = with_spatial(recipe.object_questions, kinds)
     if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
         recipe.object_words = object_words_with_box(recipe.object_words)
         stage0.object_vectors = partial(stage0.object_vectors, text_of=number_or_word)
@@ -174,14 +235,16 @@ def main() -> None:
                 "Produced by `python benchmarks/object_phase.py --variant …` (see its docstring). Accuracy % by "
                 "object count, 30 questions per cell; a guess among the objects present scores 100 / 50 / 33 / 25 % "
                 "for identify and colour. Rows without count were measured before the script asked count questions.",
-                "", "| variant | identify 1 / 2 / 3 / 4 | colour 1 / 2 / 3 / 4 | count 1 / 2 / 3 / 4 |",
-                "|---|---|---|---|"]
+                "", "| variant | identify 1 / 2 / 3 / 4 | colour 1 / 2 / 3 / 4 | count 1 / 2 / 3 / 4 | spatial yes/no 2 / 3 / 4 "
+                "| left-or-right, above-or-below 2 / 3 / 4 | where 2 / 3 / 4 |", "|---|---|---|---|---|---|---|"]
 
-    def cells(r: dict, kind: str) -> str:
-        return " / ".join(f"{r[f'{kind}{k}']:.0f}" if f"{kind}{k}" in r else "–" for k in range(1, 5))
+    def cells(r: dict, kind: str, counts: range = range(1, 5)) -> str:
+        return " / ".join(f"{r[f'{kind}{k}']:.0f}" if f"{kind}{k}" in r else "–" for k in counts)
 
     for r in rows:
-        lines_md.append(f"| {r['variant']} | {cells(r, 'identify')} | {cells(r, 'colour')} | {cells(r, 'count')} |")
+        lines_md.append(f"| {r['variant']} | {cells(r, 'identify')} | {cells(r, 'colour')} | {cells(r, 'count')} | "
+                        f"{cells(r, 'spatial', range(2, 5))} | {cells(r, 'side', range(2, 5))} | "
+                        f"{cells(r, 'where', range(2, 5))} |")
     (RESULTS / "object-phase.md").write_text("\n".join(lines_md) + "\n")
     print("\n".join(lines_md))
 
