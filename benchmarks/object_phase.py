@@ -1,4 +1,4 @@
-"""What the stage-0 LM's object-token phase teaches, by variant: identify (box → object), colour, count.
+"""What the stage-0 LM's object-token phase teaches, by variant: identify (box → object), colour, count, spatial.
 
 The nano model's image tokens are trained to match *object tokens*: per object the sum of the embeddings of its size,
 colour, shape and 3 × 3 place words (``tinygptv.nano.stage0.object_vectors``). Identify asks for the object at a
@@ -15,7 +15,13 @@ questions in the stage-4 template over ideal object tokens, greedy, and scores i
 recipe does for colour and shape ("count the crosses", "count the objects that are red"). Count questions (120,
 30 per object count) are scored by the first number in the answer.
 
-Usage: ``python benchmarks/object_phase.py --variant base|identify|identify-numbers|count-key-last [--run …]``
+``--variant spatial`` replaces 35 % of the object-phase questions by yes/no spatial relations (true and opposite
+statements, as the VSR-style set asks them), ``spatial-side`` half of those by "is A to the left or right of B?" /
+"above or below", ``spatial-where`` by "where is A" (its 3 × 3 place words) and the side questions. Every row is
+also scored on 120 scenes of 2–4 objects (40 per object count; relation questions only where a relation holds),
+one question of each of these three kinds per scene.
+
+Usage: ``python benchmarks/object_phase.py --variant VARIANT [--run …]`` (one of the variants above, or ``base``)
 (~12 min for the text LM, reused across variants, then ~15 min per variant on 2 cores).
 Writes ``benchmarks/results/object-phase.{json,md}`` (one row per variant run so far).
 """
@@ -182,8 +188,8 @@ def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("base", "identify", "identify-numbers", "count-key-last", "spatial", "spatial-side",
-                                            "spatial-where"), required=True)
+    ap.add_argument("--variant", required=True, choices=("base", "identify", "identify-numbers", "count-key-last",
+                                                         "spatial", "spatial-side", "spatial-where"))
     ap.add_argument("--run", default="runs/identify-objects", help="working folder (world, tokenizer, LM states)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -234,9 +240,12 @@ def main() -> None:
     lines_md = ["# Questions over ideal object tokens after the stage-0 LM's object phase", "",
                 "Produced by `python benchmarks/object_phase.py --variant …` (see its docstring). Accuracy % by "
                 "object count, 30 questions per cell; a guess among the objects present scores 100 / 50 / 33 / 25 % "
-                "for identify and colour. Rows without count were measured before the script asked count questions.",
-                "", "| variant | identify 1 / 2 / 3 / 4 | colour 1 / 2 / 3 / 4 | count 1 / 2 / 3 / 4 | spatial yes/no 2 / 3 / 4 "
-                "| left-or-right, above-or-below 2 / 3 / 4 | where 2 / 3 / 4 |", "|---|---|---|---|---|---|---|"]
+                "for identify and colour. Rows without count were measured before the script asked count questions, "
+                "rows without the spatial columns before it asked spatial ones (up to 40 questions per cell, 2 / 3 / 4 "
+                "objects).",
+                "", "| variant | identify 1 / 2 / 3 / 4 | colour 1 / 2 / 3 / 4 | count 1 / 2 / 3 / 4 "
+                "| spatial yes/no 2 / 3 / 4 | left-or-right, above-or-below 2 / 3 / 4 | where 2 / 3 / 4 |",
+                "|---|---|---|---|---|---|---|"]
 
     def cells(r: dict, kind: str, counts: range = range(1, 5)) -> str:
         return " / ".join(f"{r[f'{kind}{k}']:.0f}" if f"{kind}{k}" in r else "–" for k in counts)
