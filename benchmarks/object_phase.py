@@ -98,7 +98,10 @@ def spatial_question(scene, rng: random.Random):
     from tinygptv.synth.text import questions
 
     pool = questions(scene, rng)["spatial"]
-    return (lambda qa: (qa.question, qa.answer))(rng.choice(pool)) if pool else None
+    if not pool:
+        return None
+    qa = rng.choice(pool)
+    return qa.question, qa.answer
 
 
 def with_spatial(questions, kinds: tuple):
@@ -215,7 +218,7 @@ def main() -> None:
         recipe.object_questions = with_identify(recipe.object_questions)  # scene_objects looks it up per call
     if args.variant == "count-key-last":  # count questions asked with their key last early on, as colour / shape
         recipe.KEY_LAST = ("colour", "shape", "count")
-    if args.variant.startswith("spatial"):  # more spatial questions; with "side" also which side
+    if args.variant.startswith("spatial"):  # a share of spatial questions of the variant's kinds
         kinds = {"spatial": (spatial_question,), "spatial-side": (spatial_question, side_question),
                  "spatial-where": (where_question, side_question)}[args.variant]
         recipe.object_questions = with_spatial(recipe.object_questions, kinds)
