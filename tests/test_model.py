@@ -142,6 +142,25 @@ def test_saving_merged_lora_refused(tiny_model, tmp_path):
     tinygptv.save(tiny_model, tmp_path / "x")
 
 
+def test_load_for_inference_merges_lora(tiny_model, tmp_path):
+    from tinygptv.model.lora import lora_layers
+
+    with torch.no_grad():
+        for layer in lora_layers(tiny_model):
+            layer.lora_B.normal_(0, 0.1)  # a trained adapter (B starts at 0, which merges to nothing)
+    folder = tinygptv.save(tiny_model, tmp_path / "ckpt")
+    plain, merged = tinygptv.load(folder), tinygptv.load(folder, inference=True)
+    assert lora_layers(merged) and all(layer.merged for layer in lora_layers(merged))
+    assert not any(layer.merged for layer in lora_layers(plain))
+    ids = torch.randint(0, merged.cfg.lm.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain.lm(input_ids=ids), merged.lm(input_ids=ids)
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    assert not torch.equal(plain.lm.layers[0].attn.qkv.weight, merged.lm.layers[0].attn.qkv.weight)
+    with pytest.raises(RuntimeError, match="merged"):
+        tinygptv.save(merged, tmp_path / "again")
+
+
 def test_ablation_switches_remove_modules():
     cfg = tinygptv.preset("tiny").replace(**{"lm.qk_norm": False, "lm.post_attn_norm": False, "lora.r": 0})
     model = build_empty(cfg)

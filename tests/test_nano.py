@@ -88,6 +88,14 @@ def test_demo_runs(tmp_path, capsys):
     assert "answers exactly right" in out
 
 
+def test_load_defaults_to_the_bundled_model():
+    import tinygptv
+
+    model = tinygptv.load()
+    assert model.cfg.name == "tinygptv-nano" and model.tokenizer is not None
+    assert model.template.name == tinygptv.load("nano").template.name
+
+
 def test_identify_metric_resolves_referring_expressions():
     from tinygptv.nano.evaluate import refers_to
     from tinygptv.synth.world import Obj

@@ -58,8 +58,9 @@ def _load_model(args):
         if args.model not in PRESETS:
             raise SystemExit("--set only applies to presets; edit the checkpoint's config.yaml instead")
         return tinygptv.load(preset(args.model).replace(**parse_overrides(args.set)), device=args.device,
-                             tokenizer=args.tokenizer, quantize=args.quantize)
-    return tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer, quantize=args.quantize)
+                             tokenizer=args.tokenizer, quantize=args.quantize, inference=True)
+    return tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer, quantize=args.quantize,
+                         inference=True)
 
 
 def cmd_info(args) -> int:

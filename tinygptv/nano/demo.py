@@ -48,7 +48,7 @@ def run_demo(model: str = "nano", out: Path = Path("tinygptv-demo.png"), quantiz
     from tinygptv.infer.grounding import draw_boxes, parse_boxes
 
     t0 = time.perf_counter()
-    engine = Engine(tinygptv.load(model, quantize=quantize))
+    engine = Engine(tinygptv.load(model, quantize=quantize, inference=True))
     print(f"model: {engine.model.cfg.name} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f} M "
           f"parameters, loaded in {time.perf_counter() - t0:.1f} s)")
     items = json.loads((DEMO_DIR / "demo.json").read_text())

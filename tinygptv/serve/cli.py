@@ -81,7 +81,8 @@ def build_app(args):
     from tinygptv.infer.engine import Engine
     from tinygptv.serve.app import create_app
 
-    model = tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer, quantize=args.quantize)
+    model = tinygptv.load(args.model, device=args.device, tokenizer=args.tokenizer, quantize=args.quantize,
+                          inference=True)
     settings = settings_from_args(args, Path(str(args.model)).name)
     return create_app(Engine(model, fast_decode=args.fast_decode), settings)
 
