@@ -62,9 +62,13 @@ def test_conversation_truncates_oldest_turns(tiny_model, red_image, caplog):
 def test_cli_ask_json(capsys, tmp_path):
     assert main(["ask", "--model", "tiny", "--max-new-tokens", "4", "--json", "--quantize", "int8",
                  "--draw", str(tmp_path / "b.png"), "what is it?"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert set(out) >= {"answer", "boxes", "timings", "finish_reason", "completion_tokens"}
     assert out["completion_tokens"] <= 4
+    # the random model's 4 tokens hold no box: nothing is drawn, and the user is told so
+    assert not out["boxes"] and not (tmp_path / "b.png").exists()
+    assert "nothing drawn" in captured.err
 
 
 def test_cli_ask_fast_decode(capsys):

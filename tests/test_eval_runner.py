@@ -215,3 +215,17 @@ def test_lmms_eval_adapter_without_lmms_eval():
 def test_write_jsonl_helper_roundtrip(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"id": 1}])
     assert tinygptv.eval.base.read_json_or_jsonl(tmp_path / "x.jsonl") == [{"id": 1}]
+
+
+def test_cmd_eval_defaults_to_the_bundled_model_and_quantizes(tmp_path, one_thread):
+    MAKERS["gqa"](tmp_path)
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "results"
+    args = parser.parse_args(["eval", "--benchmark", "gqa", "--data-root", str(tmp_path), "--out", str(out),
+                              "--quantize", "int8", "--limit", "2"])
+    assert args.model == "nano"
+    assert cmd_eval(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == "nano (int8)"
+    assert results["benchmarks"]["gqa"]["scores"]["standard"]["n"] == 2

@@ -145,5 +145,10 @@ def test_export_round_trip(official, tmp_path, capsys):
     for k, v in tensors.items():
         torch.testing.assert_close(v, ours[k], atol=1e-6, rtol=1e-5)
     # stock HF Phi has no post-attention RMSNorm: the split layout must refuse rather than drop it
-    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf2")]) == 2
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--layout", "split", "--out", str(tmp_path / "hf2")]) == 2
     assert "post" in capsys.readouterr().err
+    # the default picks the layout that can hold the model
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf3")]) == 0
+    assert "(fused layout)" in capsys.readouterr().out
+    assert load_phi_folder(tmp_path / "hf3")[2].ok

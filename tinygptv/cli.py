@@ -100,6 +100,8 @@ def cmd_ask(args) -> int:
     boxes = parse_boxes(result.text, *image.size) if image is not None else []
     if args.draw and boxes:
         draw_boxes(image, boxes).save(args.draw)
+    elif args.draw:
+        print(f"no box in the answer: nothing drawn to {args.draw}", file=sys.stderr)
     if args.json:
         print(json.dumps({"answer": result.text, "boxes": [b.to_dict() for b in boxes],
                           "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
@@ -207,10 +209,13 @@ def cmd_export(args) -> int:
     from tinygptv.weights.phi import export_hf_phi
 
     model = tinygptv.load(args.model)
-    export_hf_phi(model.lm, args.out, layout=args.layout)
+    layout = args.layout
+    if layout == "auto":  # stock transformers Phi has no post-attention RMSNorm: such models need the fused layout
+        layout = "fused" if model.cfg.lm.post_attn_norm else "split"
+    export_hf_phi(model.lm, args.out, layout=layout)
     if model.tokenizer is not None:
         model.tokenizer.save(args.out)
-    print(f"wrote {args.out} ({args.layout} layout)")
+    print(f"wrote {args.out} ({layout} layout)")
     return 0
 
 
@@ -425,9 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated subset of: full, no_lora, no_input_norm, no_rmsnorm, no_qknorm")
 
     p = sub.add_parser("export", help=cmd_export.__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--layout", choices=["split", "fused"], default="split",
-                   help="split: current transformers PhiForCausalLM; fused: the TinyGPT-V patched 4.36 layout")
+    p.add_argument("--model", default=default_model())
+    p.add_argument("--layout", choices=["auto", "split", "fused"], default="auto",
+                   help="split: current transformers PhiForCausalLM; fused: the TinyGPT-V patched 4.36 layout (the "
+                        "only one for a LM with the post-attention RMSNorm); auto: split when the LM has none")
     p.add_argument("--out", required=True)
     return parser
 

@@ -15,10 +15,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     """Add the ``eval`` sub-command to ``subparsers``; its handler is ``args.func`` (= :func:`cmd_eval`)."""
     p = subparsers.add_parser("eval", help="evaluate on GQA, VSR, IconQA, VizWiz, Hateful Memes, RefCOCO(+/g)",
                               description=__doc__)
-    p.add_argument("--model", help="checkpoint folder, config.yaml, or preset name (random weights: tiny, small…), "
-                                    "loaded with tinygptv.load (required unless --score-only)")
+    from tinygptv.cli import default_model
+
+    p.add_argument("--model", default=default_model(),
+                   help="checkpoint folder, 'nano' (bundled, the default), config.yaml, or preset name (random "
+                        "weights: tiny, small…), loaded with tinygptv.load")
     p.add_argument("--tokenizer", help="tokenizer folder overriding the checkpoint's")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default=None,
+                   help="weight quantization chosen at load time (default: as stored)")
     p.add_argument("--benchmark", required=True,
                    help="comma-separated benchmarks or groups: " + ", ".join(valid_names()))
     p.add_argument("--data-root", help="folder holding <benchmark>/… as documented per benchmark "
@@ -44,16 +49,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = rescore(args.out, args.benchmark, args.mode)
     else:
         if not args.model or not args.data_root:
-            raise ValueError("--model and --data-root are required (or use --score-only)")
+            raise ValueError("--data-root and a model are required (or use --score-only)")
         import tinygptv
 
         model = tinygptv.load(args.model, device=getattr(args, "device", "cpu"),
-                              tokenizer=getattr(args, "tokenizer", None))
+                              tokenizer=getattr(args, "tokenizer", None), quantize=getattr(args, "quantize", None))
         from tinygptv.eval.predictor import ModelPredictor
 
         model = ModelPredictor(model, add_bos=getattr(args, "bos", "none") == "training")
+        quant = getattr(args, "quantize", None)
         results = run_eval(model, args.benchmark, args.data_root, args.out, limit=args.limit, mode=args.mode,
-                           batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE), model_name=str(args.model))
+                           batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
+                           model_name=str(args.model) + (f" ({quant})" if quant else ""))
     print(format_table(results))
     if results.get("limit") is not None:
         print(f"--limit {results['limit']}: partial run, not comparable with the paper.")
