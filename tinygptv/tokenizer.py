@@ -93,7 +93,7 @@ class Tokenizer:
     @classmethod
     def byte_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]]) -> "Tokenizer":
         """A GPT-2-style byte-level BPE from an in-memory ``vocab`` (symbols of :func:`bytes_to_unicode`) and
-        ``merges``; ``<|endoftext|>`` is added as a special token if ``vocab`` lacks it."""
+        ``merges``; ``<|endoftext|>`` is its special end token (appended to the vocabulary when ``vocab`` lacks it)."""
         backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges))
         _byte_level(backend)
         backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
