@@ -68,7 +68,6 @@ def with_identify(questions):
 
 
 SPATIAL_SHARE = 0.35
-SIDE = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
 
 
 def side_question(scene, rng: random.Random):
@@ -82,7 +81,7 @@ def side_question(scene, rng: random.Random):
     a, b = shortest_ref(scene, i).text(), shortest_ref(scene, j).text()
     ask = (f"is {a} to the left or right of {b}?" if rel in ("left of", "right of")
            else f"is {a} above or below {b}?")
-    return ask, SIDE[rel]
+    return ask, rel.removesuffix(" of")  # "left", "right", "above", "below"
 
 
 def where_question(scene, rng: random.Random):

@@ -52,12 +52,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--data-root and a model are required (or use --score-only)")
         import tinygptv
 
+        quant = getattr(args, "quantize", None)
         model = tinygptv.load(args.model, device=getattr(args, "device", "cpu"),
-                              tokenizer=getattr(args, "tokenizer", None), quantize=getattr(args, "quantize", None))
+                              tokenizer=getattr(args, "tokenizer", None), quantize=quant)
         from tinygptv.eval.predictor import ModelPredictor
 
         model = ModelPredictor(model, add_bos=getattr(args, "bos", "none") == "training")
-        quant = getattr(args, "quantize", None)
         results = run_eval(model, args.benchmark, args.data_root, args.out, limit=args.limit, mode=args.mode,
                            batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
                            model_name=str(args.model) + (f" ({quant})" if quant else ""))
