@@ -19,9 +19,12 @@ recipe does for colour and shape ("count the crosses", "count the objects that a
 statements, as the VSR-style set asks them), ``spatial-side`` half of those by "is A to the left or right of B?" /
 "above or below", ``spatial-where`` by "where is A" (its 3 × 3 place words) and the side questions. Every row is
 also scored on 120 scenes of 2–4 objects (40 per object count; relation questions only where a relation holds),
-one question of each of these three kinds per scene.
+one question of each of these three kinds per scene. ``spatial-curriculum`` asks "where is A" while the phase asks
+key-last questions (its first 40 %), then "left or right" and yes/no statements (half each), so that a lookup with
+its key last is learnt before questions about two objects. ``--steps N`` runs the object phase for ``N`` steps
+instead of the recipe's (rows of other than 1000 steps are named e.g. ``spatial-where (2500 steps)``).
 
-Usage: ``python benchmarks/object_phase.py --variant VARIANT [--run …]`` (one of the variants above, or ``base``)
+Usage: ``python benchmarks/object_phase.py --variant VARIANT [--steps N] [--run …]`` (one of the variants above, or ``base``)
 (~12 min for the text LM, reused across variants, then ~15 min per variant on 2 cores).
 Writes ``benchmarks/results/object-phase.{json,md}`` (one row per variant run so far).
 """
@@ -50,6 +53,7 @@ from tinygptv.synth.world import sample_scene
 from tinygptv.templates import get_template
 
 RESULTS = Path(__file__).parent / "results"
+ROW_STEPS = 1000  # object-phase steps of the rows named without a step count (the recipe's until 2026-12)
 IDENTIFY_SHARE = 0.3
 
 
@@ -101,6 +105,21 @@ def spatial_question(scene, rng: random.Random):
         return None
     qa = rng.choice(pool)
     return qa.question, qa.answer
+
+
+def with_spatial_curriculum(questions):
+    """Like :func:`with_spatial`, in two phases: while the object phase asks key-last questions (its first 40 %),
+    the spatial share is "where is A" (a lookup with its key last, learnt in ``spatial-where``); after that it is
+    "left or right" / "above or below" and yes/no statements about two objects, half each."""
+    def ask(scene, rng, k, key_last, grounding=(0, 0.0)):
+        out = []
+        for qa in questions(scene, rng, k, key_last, grounding):
+            if rng.random() < SPATIAL_SHARE:
+                make = where_question if key_last else rng.choice((side_question, spatial_question))
+                qa = make(scene, rng) or qa
+            out.append(qa)
+        return out
+    return ask
 
 
 def with_spatial(questions, kinds: tuple):
@@ -191,7 +210,9 @@ def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True, choices=("base", "identify", "identify-numbers", "count-key-last",
-                                                         "spatial", "spatial-side", "spatial-where"))
+                                                         "spatial", "spatial-side", "spatial-where",
+                                                         "spatial-curriculum"))
+    ap.add_argument("--steps", type=int, default=recipe.OBJECT_STEPS, help="object-phase steps (the recipe's)")
     ap.add_argument("--run", default="runs/identify-objects", help="working folder (world, tokenizer, LM states)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -217,26 +238,29 @@ def main() -> None:
         recipe.object_questions = with_identify(recipe.object_questions)  # scene_objects looks it up per call
     if args.variant == "count-key-last":  # count questions asked with their key last early on, as colour / shape
         recipe.KEY_LAST = ("colour", "shape", "count")
-    if args.variant.startswith("spatial"):  # a share of spatial questions of the variant's kinds
+    if args.variant == "spatial-curriculum":
+        recipe.object_questions = with_spatial_curriculum(recipe.object_questions)
+    elif args.variant.startswith("spatial"):  # a share of spatial questions of the variant's kinds
         kinds = {"spatial": (spatial_question,), "spatial-side": (spatial_question, side_question),
                  "spatial-where": (where_question, side_question)}[args.variant]
         recipe.object_questions = with_spatial(recipe.object_questions, kinds)
     if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
         recipe.object_words = object_words_with_box(recipe.object_words)
         stage0.object_vectors = partial(stage0.object_vectors, text_of=number_or_word)
-    state_file = out / f"lm-objects-{args.variant}.safetensors"
+    name = args.variant if args.steps == ROW_STEPS else f"{args.variant} ({args.steps} steps)"
+    state_file = out / f"lm-objects-{args.variant}{'' if args.steps == ROW_STEPS else args.steps}.safetensors"
     if state_file.is_file():
         state = load_file(str(state_file))
     else:
-        state = stage0.pretrain_lm_objects(cfg, tok, text_state, lines, objects, steps=recipe.OBJECT_STEPS,
+        state = stage0.pretrain_lm_objects(cfg, tok, text_state, lines, objects, steps=args.steps,
                                            n_slots=recipe.ATTRIBUTE_SLOTS, seed=0)
         save_file(state, str(state_file))
     lm = PhiLM(replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0))
     lm.load_state_dict(state)
-    result = {"variant": args.variant, **score(lm.eval(), tok, cfg)}
+    result = {"variant": name, **score(lm.eval(), tok, cfg)}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "object-phase.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["variant"] != args.variant]
+    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["variant"] != name]
     rows.append(result)
     path.write_text(json.dumps(rows, indent=2))
     lines_md = ["# Questions over ideal object tokens after the stage-0 LM's object phase", "",
