@@ -24,8 +24,8 @@ key-last questions (its first 40 %), then "left or right" and yes/no statements 
 its key last is learnt before questions about two objects. ``--steps N`` runs the object phase for ``N`` steps
 instead of the recipe's (rows of other than 1000 steps are named e.g. ``spatial-where (2500 steps)``).
 
-Usage: ``python benchmarks/object_phase.py --variant VARIANT [--steps N] [--run …]`` (one of the variants above, or ``base``)
-(~12 min for the text LM, reused across variants, then ~15 min per variant on 2 cores).
+Usage: ``python benchmarks/object_phase.py --variant VARIANT [--steps N] [--run …]`` (one of the variants above,
+or ``base``) (~12 min for the text LM, reused across variants, then ~15 min per variant on 2 cores).
 Writes ``benchmarks/results/object-phase.{json,md}`` (one row per variant run so far).
 """
 
@@ -53,7 +53,7 @@ from tinygptv.synth.world import sample_scene
 from tinygptv.templates import get_template
 
 RESULTS = Path(__file__).parent / "results"
-ROW_STEPS = 1000  # object-phase steps of the rows named without a step count (the recipe's until 2026-12)
+ROW_STEPS = 1000  # object-phase steps of the rows named without a step count (``recipe.OBJECT_STEPS``)
 IDENTIFY_SHARE = 0.3
 
 
@@ -107,32 +107,31 @@ def spatial_question(scene, rng: random.Random):
     return qa.question, qa.answer
 
 
-def with_spatial_curriculum(questions):
-    """Like :func:`with_spatial`, in two phases: while the object phase asks key-last questions (its first 40 %),
-    the spatial share is "where is A" (a lookup with its key last, learnt in ``spatial-where``); after that it is
-    "left or right" / "above or below" and yes/no statements about two objects, half each."""
+def _spatial_share(questions, pick):
+    """Wrap ``recipe.object_questions`` so that :data:`SPATIAL_SHARE` of the questions are replaced by one from the
+    question maker ``pick(rng, key_last)`` returns (kept when it has none for the scene)."""
     def ask(scene, rng, k, key_last, grounding=(0, 0.0)):
         out = []
         for qa in questions(scene, rng, k, key_last, grounding):
             if rng.random() < SPATIAL_SHARE:
-                make = where_question if key_last else rng.choice((side_question, spatial_question))
-                qa = make(scene, rng) or qa
+                qa = pick(rng, key_last)(scene, rng) or qa
             out.append(qa)
         return out
     return ask
 
 
 def with_spatial(questions, kinds: tuple):
-    """Wrap ``recipe.object_questions`` so that :data:`SPATIAL_SHARE` of the questions are spatial, drawn evenly
-    from ``kinds`` (question makers: yes/no statements, "left or right" / "above or below", "where is")."""
-    def ask(scene, rng, k, key_last, grounding=(0, 0.0)):
-        out = []
-        for qa in questions(scene, rng, k, key_last, grounding):
-            if rng.random() < SPATIAL_SHARE:
-                qa = rng.choice(kinds)(scene, rng) or qa
-            out.append(qa)
-        return out
-    return ask
+    """Spatial questions drawn evenly from ``kinds`` (question makers: yes/no statements, "left or right" /
+    "above or below", "where is"), see :func:`_spatial_share`."""
+    return _spatial_share(questions, lambda rng, key_last: rng.choice(kinds))
+
+
+def with_spatial_curriculum(questions):
+    """Spatial questions in two phases: while the object phase asks key-last questions (its first 40 %), "where is
+    A" (a lookup with its key last, learnt in ``spatial-where``); after that "left or right" / "above or below" and
+    yes/no statements about two objects, half each."""
+    return _spatial_share(questions, lambda rng, key_last: (
+        where_question if key_last else rng.choice((side_question, spatial_question))))
 
 
 NUMBER = "#"  # an object word "#35": the box number token "35" as it appears inside ``{<35>…}`` (no leading space)
@@ -247,8 +246,9 @@ def main() -> None:
     if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
         recipe.object_words = object_words_with_box(recipe.object_words)
         stage0.object_vectors = partial(stage0.object_vectors, text_of=number_or_word)
-    name = args.variant if args.steps == ROW_STEPS else f"{args.variant} ({args.steps} steps)"
-    state_file = out / f"lm-objects-{args.variant}{'' if args.steps == ROW_STEPS else args.steps}.safetensors"
+    steps = "" if args.steps == ROW_STEPS else str(args.steps)
+    name = f"{args.variant} ({steps} steps)" if steps else args.variant
+    state_file = out / f"lm-objects-{args.variant}{steps}.safetensors"
     if state_file.is_file():
         state = load_file(str(state_file))
     else:
