@@ -229,6 +229,33 @@ def test_decode_attention_matches_sdpa():
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 1e-5
 
 
+def test_one_query_attention_matches_sdpa():
+    from tinygptv.model.attention import one_query_attention
+
+    q, k, v, mask = _decode_case(2)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    for m in (mask, additive, None):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert (one_query_attention(q, k, v, m) - ref).abs().max() < 1e-5
+
+
+def test_decode_steps_use_one_query_attention_and_never_read_unwritten_cache(tiny_model, monkeypatch):
+    """fp32 one-token steps go through the matrix-product attention; the cache's unwritten tail is garbage (NaN
+    here) and must never reach the result."""
+    from tinygptv.model import phi
+
+    calls = []
+    real = phi.one_query_attention
+    monkeypatch.setattr(phi, "one_query_attention", lambda *a: calls.append(1) or real(*a))
+    lm = tiny_model.lm
+    cache = KVCache(2, 12, lm.cfg, torch.float32, "cpu")
+    for t in cache.k + cache.v:
+        t.fill_(float("nan"))
+    full, stepped = full_and_stepped(lm, cache)
+    assert len(calls) == 5 * lm.cfg.layers and torch.isfinite(stepped).all()
+    assert (full[0] - stepped[0]).abs().max() < 1e-5 and (full[1, 3:] - stepped[1, 3:]).abs().max() < 1e-5
+
+
 def test_decode_attention_falls_back_when_compiling_fails(monkeypatch, caplog):
     from tinygptv.model import attention
 

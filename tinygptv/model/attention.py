@@ -50,6 +50,22 @@ def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True)  # [B,h,1,d]
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per row, ``q [B, h, 1, d]`` over ``k, v [B, h, S, d]``, as two batched matrix
+    products; same inputs and result as :func:`attention`. Used for fp32 key/value caches at decode time: PyTorch's
+    CPU SDPA kernel is slower there (32 layers' one-query attention over 80 positions, full-size heads, 2-core Zen 5
+    EPYC, medians of 9: batch 8 21.7 → 17.5 ms, batch 1 2.66 → 2.32 ms). The products allocate only the
+    ``[B, h, 1, S]`` scores, unlike elementwise reductions, whose ``[B, h, S, d]`` temporaries cost page faults
+    whenever the allocator has handed their memory back."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B,h,1,S]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    return torch.matmul(scores.softmax(-1), v)  # [B,h,1,d]
+
+
 _compiled_decode = None  # None: not compiled yet; False: compiling failed, SDPA on fp32 copies is used
 
 

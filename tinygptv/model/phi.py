@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinygptv.config import LMConfig, LoRAConfig
-from tinygptv.model.attention import attention, decode_attention
+from tinygptv.model.attention import attention, decode_attention, one_query_attention
 from tinygptv.model.lora import LoRALinear
 
 
@@ -56,8 +56,10 @@ class KVCache:
                  fused_decode: bool = False):
         shape = (batch, cfg.heads, max_len, cfg.head_dim)
         self.fused_decode = fused_decode
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        # uninitialised: only positions below ``length`` are ever read, and pages never written stay out of the
+        # resident set (a request that stops early does not pay for its unused ``max_new_tokens``)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.length = 0  # number of positions already stored
         self.max_len = max_len
 
@@ -119,6 +121,8 @@ class PhiAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # [B,H,S,D], S = past + T
             if cache.fused_decode and T == 1:
                 y = decode_attention(q, k, v, mask).to(h.dtype)
+            elif T == 1 and q.device.type == "cpu" and k.dtype == q.dtype == torch.float32:
+                y = one_query_attention(q, k, v, mask)
             else:  # no copy unless the cache stores another precision
                 y = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
