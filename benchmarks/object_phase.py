@@ -21,7 +21,8 @@ statements, as the VSR-style set asks them), ``spatial-side`` half of those by "
 also scored on 120 scenes of 2–4 objects (40 per object count; relation questions only where a relation holds),
 one question of each of these three kinds per scene. ``spatial-curriculum`` asks "where is A" while the phase asks
 key-last questions (its first 40 %), then "left or right" and yes/no statements (half each), so that a lookup with
-its key last is learnt before questions about two objects. ``--steps N`` runs the object phase for ``N`` steps
+its key last is learnt before questions about two objects. ``spatial-all`` draws from all three kinds (yes/no
+statements, "left or right", "where is"), a third each. ``--steps N`` runs the object phase for ``N`` steps
 instead of the recipe's (rows of other than 1000 steps are named e.g. ``spatial-where (2500 steps)``).
 
 Usage: ``python benchmarks/object_phase.py --variant VARIANT [--steps N] [--run …]`` (one of the variants above,
@@ -48,7 +49,7 @@ from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import Example, build_batch
 from tinygptv.nano import recipe, stage0
 from tinygptv.nano.evaluate import refers_to
-from tinygptv.synth.text import box_text, shortest_ref
+from tinygptv.synth.text import box_text, place_questions, shortest_ref
 from tinygptv.synth.world import sample_scene
 from tinygptv.templates import get_template
 
@@ -76,24 +77,17 @@ SPATIAL_SHARE = 0.35
 
 def side_question(scene, rng: random.Random):
     """``("is the circle to the left or right of the red square?", "left")`` for a random true relation, or None."""
-    from tinygptv.synth.world import relations
-
-    rels = relations(scene)
-    if not rels:
+    pool = place_questions(scene)["side"]
+    if not pool:
         return None
-    i, rel, j = rng.choice(rels)
-    a, b = shortest_ref(scene, i).text(), shortest_ref(scene, j).text()
-    ask = (f"is {a} to the left or right of {b}?" if rel in ("left of", "right of")
-           else f"is {a} above or below {b}?")
-    return ask, rel.removesuffix(" of")  # "left", "right", "above", "below"
+    qa = rng.choice(pool)
+    return qa.question, qa.answer
 
 
 def where_question(scene, rng: random.Random):
     """``("where is the red circle", "top left")``: an object's place on the 3 × 3 grid, key word last."""
-    from tinygptv.synth.world import region
-
-    i = rng.randrange(len(scene.objects))
-    return f"where is {shortest_ref(scene, i).text()}", region(scene, scene.objects[i].box)
+    qa = rng.choice(place_questions(scene)["where"])
+    return qa.question, qa.answer
 
 
 def spatial_question(scene, rng: random.Random):
@@ -210,7 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True, choices=("base", "identify", "identify-numbers", "count-key-last",
                                                          "spatial", "spatial-side", "spatial-where",
-                                                         "spatial-curriculum"))
+                                                         "spatial-curriculum", "spatial-all"))
     ap.add_argument("--steps", type=int, default=recipe.OBJECT_STEPS, help="object-phase steps (the recipe's)")
     ap.add_argument("--run", default="runs/identify-objects", help="working folder (world, tokenizer, LM states)")
     args = ap.parse_args()
@@ -241,7 +235,8 @@ def main() -> None:
         recipe.object_questions = with_spatial_curriculum(recipe.object_questions)
     elif args.variant.startswith("spatial"):  # a share of spatial questions of the variant's kinds
         kinds = {"spatial": (spatial_question,), "spatial-side": (spatial_question, side_question),
-                 "spatial-where": (where_question, side_question)}[args.variant]
+                 "spatial-where": (where_question, side_question),
+                 "spatial-all": (where_question, side_question, spatial_question)}[args.variant]
         recipe.object_questions = with_spatial(recipe.object_questions, kinds)
     if args.variant == "identify-numbers":  # object tokens also hold their box's numbers
         recipe.object_words = object_words_with_box(recipe.object_words)

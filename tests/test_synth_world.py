@@ -12,7 +12,8 @@ import pytest
 from tinygptv.data.processors import box_coords, parse_grounded
 from tinygptv.synth.font import word_mask
 from tinygptv.synth.render import render
-from tinygptv.synth.text import caption, detail, document, grounded_caption, questions, statements
+from tinygptv.synth.text import (caption, detail, document, grounded_caption, place_questions, questions,
+                                 shortest_ref, statements)
 from tinygptv.synth.world import (COLOURS, PLURALS, SHAPES, Obj, Scene, boxes_apart, referring_expressions, resolve,
                                   sample_scene)
 
@@ -162,6 +163,28 @@ def test_spatial_statements_and_captions_match_the_boxes():
             o = grid[boxes[0]]
             assert phrase is not None and phrase.endswith(f"{o.colour} {o.shape}")
     assert n_statements > 50
+
+
+def test_place_questions_match_the_boxes():
+    """"where is A" → the 3 × 3 cell of A's centre; "is A to the left or right of B?" → the side A's box is on."""
+    n_side = 0
+    for s in scenes(60, n_objects=3):
+        refs = {shortest_ref(s, i).text(): i for i in range(len(s.objects))}
+        place = place_questions(s)
+        assert len(place["where"]) == len(s.objects)
+        for qa in place["where"]:
+            (x, y, w, h) = s.objects[refs[qa.question.removeprefix("where is ")]].box
+            col = ("left", "", "right")[min(2, int(3 * (x + w / 2) / s.width))]
+            row = ("top", "", "bottom")[min(2, int(3 * (y + h / 2) / s.height))]
+            assert qa.answer == (f"{row} {col}".strip() or "center")
+        for qa in place["side"]:
+            m = re.fullmatch(r"is (.+) (?:to the left or right of|above or below) (.+)\?", qa.question)
+            a, b = s.objects[refs[m.group(1)]].box, s.objects[refs[m.group(2)]].box
+            side = {"left": a[0] + a[2] <= b[0], "right": b[0] + b[2] <= a[0], "above": a[1] + a[3] <= b[1],
+                    "below": b[1] + b[3] <= a[1]}
+            assert side[qa.answer] and ("left" in qa.question) == (qa.answer in ("left", "right"))
+            n_side += 1
+    assert n_side > 50
 
 
 @pytest.mark.parametrize("shape", SHAPES)

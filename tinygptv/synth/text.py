@@ -21,7 +21,8 @@ CATEGORIES: tuple[str, ...] = ("colour", "shape", "size", "count", "exist", "tex
 
 @dataclass(frozen=True)
 class QA:
-    """A question with its short answer; ``category`` is one of :data:`CATEGORIES` (or ``unanswerable``)."""
+    """A question with its short answer; ``category`` is one of :data:`CATEGORIES` (or ``unanswerable``, or
+    ``where`` / ``side`` from :func:`place_questions`)."""
 
     question: str
     answer: str
@@ -249,6 +250,22 @@ def statements(scene: Scene) -> list[Statement]:
         a, b = shortest_ref(scene, i).text(), shortest_ref(scene, j).text()
         out.append(Statement(f"{a} is {RELATION_PHRASES[rel]} {b}.", True, rel, i, j))
         out.append(Statement(f"{a} is {RELATION_PHRASES[OPPOSITE[rel]]} {b}.", False, OPPOSITE[rel], i, j))
+    return out
+
+
+def place_questions(scene: Scene) -> dict[str, list[QA]]:
+    """Questions about where objects are, for the stage-0 LM's object-token phase (no random draws): ``where``, one
+    per object (``"where is the red circle"`` → its 3 × 3 place, ``"top left"``), and ``side``, one per true
+    relation, in :func:`~tinygptv.synth.world.relations`' order (``"is the circle to the left or right of the red
+    square?"`` → ``"left"``; ``"above or below"`` → ``"above"``)."""
+    out: dict[str, list[QA]] = {"where": [], "side": []}
+    for i, obj in enumerate(scene.objects):
+        out["where"].append(QA(f"where is {shortest_ref(scene, i).text()}", region(scene, obj.box), "where"))
+    for i, rel, j in relations(scene):
+        a, b = shortest_ref(scene, i).text(), shortest_ref(scene, j).text()
+        ask = (f"is {a} to the left or right of {b}?" if rel in ("left of", "right of")
+               else f"is {a} above or below {b}?")
+        out["side"].append(QA(ask, rel.removesuffix(" of"), "side"))
     return out
 
 
