@@ -121,11 +121,16 @@ def main(argv: list[str] | None = None) -> int:
             cell(box.get("distinct_x1"), "{}"),
             *(cell(cat.get(k, {}).get("accuracy")) for k in ("colour", "shape", "count", "exist")),
             cell(row["sets"].get("gqa", {}).get("accuracy"))]) + " |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (RESULTS / f"{args.stem}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.stem, lines, rows)
     return 0
+
+
+def write_results(stem: str, lines: list[str], rows: dict) -> None:
+    """``benchmarks/results/<stem>.md`` (the table ``lines``) and ``.json`` (``rows``); the table is printed too."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

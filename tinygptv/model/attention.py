@@ -56,9 +56,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     products; same inputs and result as :func:`attention`. Used for fp32 key/value caches at decode time: PyTorch's
     CPU SDPA kernel is slower there (``benchmarks/decode_attention.py``: 32 layers, full-size heads, 2-core Zen 5
     EPYC, batch 8 at 80 / 400 cached positions 22.1 → 15.9 / 77.9 → 69.0 ms, batch 1 2.59 → 2.27 / 10.2 → 9.9 ms).
-    The products allocate only the
-    ``[B, h, 1, S]`` scores, unlike elementwise reductions, whose ``[B, h, S, d]`` temporaries cost page faults
-    whenever the allocator has handed their memory back."""
+    The products allocate only the ``[B, h, 1, S]`` scores, unlike elementwise reductions, whose ``[B, h, S, d]``
+    temporaries cost page faults whenever the allocator has handed their memory back."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B,h,1,S]
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
