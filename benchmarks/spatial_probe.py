@@ -6,14 +6,17 @@ runs that trained them (``runs/nano-spatial``, ``runs/nano-spall``) judge the VS
 script asks the same three kinds of question (``[vqa]``, the stage-4 template, greedy, scored as ``object_phase.py``
 scores them) about rendered held-out scenes of 2–4 objects:
 
-- the stage-0 LM of the run (the base's decoder without the paper's new norms, as stage 0 trained it) over *ideal*
-  object tokens, as ``object_phase.py`` does: what the LM can do after all of stage 0's LM phases;
+- the stage-0 LM of the run over *ideal* object tokens, as ``object_phase.py`` does, after its object phase (the
+  run's ``stage0/lm-objects.safetensors``) and after its grounding phase (the base's decoder without the paper's new
+  norms, as stage 0 trained it): what the LM can do after each of stage 0's LM phases;
 - the same base over the *real* tower's image tokens at 128 px: what reaches the LM through the frozen tower;
 - the base as stage 1 starts from it: the paper's QK LayerNorm and post-attention RMSNorm inserted at their initial
   values (the recipe's default, as the official code does with Phi-2);
 - each later checkpoint (stage 1–4 finals) over the real image tokens.
 
-A drop between the first two rows puts the loss in the tower; between later rows, in the stage that lost it.
+A drop from the ideal-token rows to the base's puts the loss in the tower; between later rows, in the stage that lost
+it. The ideal-token rows place their object tokens with draws from the questions' random stream, so they are asked
+about other scenes than the real-token rows (the same for both of them, and the same across the real-token rows).
 
 Usage: ``python benchmarks/spatial_probe.py --run runs/nano-spall --stem spatial-probe-spall [--scenes 90]``.
 Writes ``benchmarks/results/<stem>.{md,json}``.
@@ -26,9 +29,11 @@ import logging
 import random
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import object_phase  # noqa: E402  (question makers and the ideal-token answer)
@@ -36,6 +41,7 @@ from nano_chain import without_new_norms, write_results  # noqa: E402
 
 import tinygptv  # noqa: E402
 from tinygptv.infer.generate import GenerationConfig, generate_tokens  # noqa: E402
+from tinygptv.model.phi import PhiLM  # noqa: E402
 from tinygptv.model.sequence import Example, build_batch  # noqa: E402
 from tinygptv.synth.render import render  # noqa: E402
 from tinygptv.synth.world import sample_scene  # noqa: E402
@@ -84,7 +90,14 @@ def main() -> int:
     rows: dict[str, dict[str, float]] = {}
     base = without_new_norms(tinygptv.load(run / "stage0" / "base")).eval()
     base.vision.set_image_size(SIZE)
-    rows["stage-0 LM, ideal object tokens"] = probe(
+    objects_file = run / "stage0" / "lm-objects.safetensors"
+    if objects_file.is_file():  # the LM between its object phase and its grounding phase
+        lm = PhiLM(replace(base.cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0))
+        lm.load_state_dict(load_file(str(objects_file)))
+        rows["stage-0 LM after its object phase, ideal object tokens"] = probe(
+            lambda scene, q, rng, g: object_phase.answer(lm.eval(), base.tokenizer, None, scene, q, rng, g),
+            args.scenes)
+    rows["stage-0 LM after its grounding phase, ideal object tokens"] = probe(
         lambda scene, q, rng, g: object_phase.answer(base.lm, base.tokenizer, None, scene, q, rng, g), args.scenes)
     checkpoints = [("base (stage 0, without the new norms)", base),
                    ("base with the new norms inserted (where stage 1 starts)", run / "stage0" / "base")] + [
