@@ -152,11 +152,32 @@ def answer(lm: PhiLM, tok, cfg, scene, question: str, rng: random.Random, g: tor
     rms = table.float().pow(2).mean().sqrt()
     slots = stage0.object_slots(stage0.object_vectors(recipe.object_words(scene), table, tok),
                                 recipe.ATTRIBUTE_SLOTS, rms, rng, g)
-    b = build_batch([Example(get_template("stage4").user_turn(question, True), [])], [slots[None]], tok,
+    return answer_over(lm, tok, slots[None], question)
+
+
+@torch.no_grad()
+def answer_over(lm: PhiLM, tok, image_tokens: torch.Tensor, question: str) -> str:
+    """Greedy answer (12 tokens at most, cut at ``###`` / ``[``) to ``question`` in the stage-4 template, with
+    ``image_tokens [1, Q, C]`` in the image's place."""
+    b = build_batch([Example(get_template("stage4").user_turn(question, True), [])], [image_tokens], tok,
                     lm.embed_tokens, 0, 0)
     ids = [ev.token for ev in generate_tokens(lm, [(b.inputs_embeds[0], b.attention_mask[0])],
                                               GenerationConfig(max_new_tokens=12), 0) if ev.token is not None]
     return tok.decode(ids).split("###")[0].split("[")[0]
+
+
+SPATIAL_KINDS = (("spatial", spatial_question), ("side", side_question), ("where", where_question))
+
+
+def ask_spatial(scene, rng: random.Random, ask, hits: dict[str, list[bool]]) -> None:
+    """One ``[vqa]`` question of each of :data:`SPATIAL_KINDS` about ``scene`` (those it has), answered by
+    ``ask(question)``; right when the answer's first words are the expected ones. Appends to ``hits["<kind><n>"]``
+    (``n`` objects)."""
+    for kind, make in SPATIAL_KINDS:
+        qa = make(scene, rng)
+        if qa is not None:
+            got = re.findall(r"[a-z]+", ask(f"[vqa] {qa[0]}").lower())
+            hits.setdefault(f"{kind}{len(scene.objects)}", []).append(got[:len(qa[1].split())] == qa[1].split())
 
 
 def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, float]:
@@ -192,11 +213,7 @@ def score(lm: PhiLM, tok, cfg, n: int = 240, seed: int = 1234) -> dict[str, floa
     for i in range(n // 2):
         objects = 2 + i % 3
         scene = sample_scene(rng, f"spatial-{i}", image_size=128, n_objects=objects)
-        for kind, make in (("spatial", spatial_question), ("side", side_question), ("where", where_question)):
-            qa = make(scene, rng)
-            if qa is not None:
-                got = re.findall(r"[a-z]+", answer(lm, tok, cfg, scene, f"[vqa] {qa[0]}", rng, g).lower())
-                hits.setdefault(f"{kind}{objects}", []).append(got[:len(qa[1].split())] == qa[1].split())
+        ask_spatial(scene, rng, lambda q: answer(lm, tok, cfg, scene, q, rng, g), hits)
     return {key: round(100 * sum(v) / len(v), 1) for key, v in sorted(hits.items())}
 
 

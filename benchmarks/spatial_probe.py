@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -40,28 +39,19 @@ import object_phase  # noqa: E402  (question makers and the ideal-token answer)
 from nano_chain import without_new_norms, write_results  # noqa: E402
 
 import tinygptv  # noqa: E402
-from tinygptv.infer.generate import GenerationConfig, generate_tokens  # noqa: E402
 from tinygptv.model.phi import PhiLM  # noqa: E402
-from tinygptv.model.sequence import Example, build_batch  # noqa: E402
 from tinygptv.synth.render import render  # noqa: E402
 from tinygptv.synth.world import sample_scene  # noqa: E402
-from tinygptv.templates import get_template  # noqa: E402
 
 log = logging.getLogger("spatial_probe")
-KINDS = (("spatial", object_phase.spatial_question), ("side", object_phase.side_question),
-         ("where", object_phase.where_question))
 SIZE = 128
 
 
-@torch.no_grad()
 def real_answer(model, question: str, image) -> str:
     """The checkpoint's greedy answer to ``question`` (stage-4 template) over the image's tokens from its tower."""
-    emb = model.encode_images(model.pixel_values([image]))  # [1, Q, C]
-    b = build_batch([Example(get_template("stage4").user_turn(question, True), [])], [emb], model.tokenizer,
-                    model.lm.embed_tokens, 0, 0)
-    ids = [ev.token for ev in generate_tokens(model.lm, [(b.inputs_embeds[0], b.attention_mask[0])],
-                                              GenerationConfig(max_new_tokens=12), 0) if ev.token is not None]
-    return model.tokenizer.decode(ids).split("###")[0].split("[")[0]
+    with torch.no_grad():
+        emb = model.encode_images(model.pixel_values([image]))  # [1, Q, C]
+    return object_phase.answer_over(model.lm, model.tokenizer, emb, question)
 
 
 def probe(answer, scenes: int, seed: int = 4321) -> dict[str, float]:
@@ -69,13 +59,8 @@ def probe(answer, scenes: int, seed: int = 4321) -> dict[str, float]:
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     hits: dict[str, list[bool]] = {}
     for i in range(scenes):
-        objects = 2 + i % 3
-        scene = sample_scene(rng, f"probe-{i}", image_size=SIZE, n_objects=objects, word=False)
-        for kind, make in KINDS:
-            qa = make(scene, rng)
-            if qa is not None:
-                got = re.findall(r"[a-z]+", answer(scene, f"[vqa] {qa[0]}", rng, g).lower())
-                hits.setdefault(f"{kind}{objects}", []).append(got[:len(qa[1].split())] == qa[1].split())
+        scene = sample_scene(rng, f"probe-{i}", image_size=SIZE, n_objects=2 + i % 3, word=False)
+        object_phase.ask_spatial(scene, rng, lambda q: answer(scene, q, rng, g), hits)
     return {key: round(100 * sum(v) / len(v), 1) for key, v in sorted(hits.items())}
 
 
