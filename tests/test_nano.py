@@ -58,11 +58,12 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
 @pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")
 def test_bundled_model_accuracy_lower_bounds(tmp_path):
     """Fresh scenes from a world seed never used for training, 120 items per set (24 per GQA-style category). Bounds
-    sit below the measured accuracy (benchmarks/results/nano.md: GQA-style 66 %, IconQA-style 89.5 %, identify
-    42.5 %, caption object recall 58.6 %, referring boxes 41.5 % on refcoco_val; on this seed 60.8 / 89.2 / 36.7 /
-    57.7 %, count 79.2 %, colour 75 %, boxes 37.5 % with mean IoU 41.8 %) and well above chance (GQA-style: about
-    15 % over its colour/shape/count/yes-no/word questions; IconQA-style: 3-5 choices, at most 33 %); the boxes'
-    bounds are above the previous bundle's figures on this seed (Acc@0.5 15 %, mean IoU 18.9 %)."""
+    sit below the measured accuracy (benchmarks/results/nano.md: GQA-style 68.5 %, IconQA-style 88 %, identify
+    36.5 %, caption object recall 58.8 %, referring boxes 48 % on refcoco_val; on this seed 65 / 91.7 / 29.2 /
+    58.3 %, count 83.3 %, colour 83.3 %, boxes 42.5 % with mean IoU 41.4 %) and well above chance (GQA-style: about
+    15 % over its colour/shape/count/yes-no/word questions; IconQA-style: 3-5 choices, at most 33 %; identify: an
+    unparsable or absent object scores 0); the boxes' bounds are above the first grounding bundle's figures on
+    this seed (Acc@0.5 15 %, mean IoU 18.9 %)."""
     from tinygptv.nano.evaluate import evaluate
     from tinygptv.synth.generate import generate_world
 
@@ -75,7 +76,7 @@ def test_bundled_model_accuracy_lower_bounds(tmp_path):
     assert res["categories"]["gqa"]["colour"]["accuracy"] >= 62
     boxes = bench["refcoco_val"]["scores"]["standard"]["metrics"]
     assert boxes["accuracy"] >= 25 and boxes["mean_iou"] >= 30
-    assert res["identify_accuracy"] >= 25
+    assert res["identify_accuracy"] >= 20
     assert res["caption_object_recall"] >= 45
 
 
