@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-scale", type=float, default=1.0)
     ap.add_argument("--start", default="stage1", choices=STAGES,
                     help="first stage to re-run; the stages before it are the run's own")
-    ap.add_argument("--set", nargs="*", default=[], metavar="STAGE:KEY=VALUE",
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="STAGE:KEY=VALUE",
                     help="stage config overrides, e.g. stage4:data.mixture.refcoco.ratio=75")
     ap.add_argument("--eval-quantize", default="fp32", help="precisions to evaluate at, e.g. fp32,int8")
     args = ap.parse_args(argv)
