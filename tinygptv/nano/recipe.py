@@ -42,7 +42,7 @@ OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object token
 # learnt; learning everything in one phase of 1600 steps ended in that dip (colour 63 %, ``nano-coarse.md``).
 # 1800 steps instead of 900 (runs/nano-g1800 against 900-step runs): refer on ideal tokens 46.0 -> 74.5 %, identify
 # 43.8 -> 58.8 % (``lm-grounding-g1800.md`` against runs/nano-phased16); through the tower, before stage 1, boxes
-# 38.5 -> 50 % (``nano-chain-g1800.md`` against runs/nano-phased16-proj); against the previous bundle, after stage 4,
+# 38.5 -> 50 % (``nano-chain-g1800.md`` against runs/nano-phased16-proj); against the bundle before it, after stage 4,
 # boxes 37.7 -> 44.8 %, colour 90 -> 97.5 %, VizWiz-style 48 -> 58.5 %, but shape 85 -> 77.5 % and
 # identify 42.5 -> 36.5 %; +9 minutes on a Zen 4 EPYC
 GROUNDING_STEPS, GROUNDING_LR = 1800, 3e-3
