@@ -102,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         rows[label] = row
         log.info("%s: %s", label, json.dumps(row["sets"]))
 
+    extra = [name for name in args.sets.split(",") if name not in ("refcoco_val", "gqa")]  # their accuracy columns
     lines = [f"# Skills along one nano recipe run: `{run.name}`", "",
              f"Produced by `python benchmarks/nano_chain.py --run {args.run} --limit {args.limit} --sets {args.sets} "
              f"--stem {args.stem}`; standard metrics, the evaluation's prompts, {args.limit} items per set "
              "(GQA-style: 40 per category).", "",
              "| checkpoint | refer Acc@0.5 | mean IoU | median centre error | distinct x1 | colour | shape | count "
-             "| exist | GQA-style |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| exist | GQA-style |" + "".join(f" {name} |" for name in extra),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
 
     def cell(v, fmt="{:.1f}"):
         return "—" if v is None else fmt.format(v)
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             label, cell(ref.get("accuracy")), cell(ref.get("mean_iou")), cell(box.get("median_centre_error")),
             cell(box.get("distinct_x1"), "{}"),
             *(cell(cat.get(k, {}).get("accuracy")) for k in ("colour", "shape", "count", "exist")),
-            cell(row["sets"].get("gqa", {}).get("accuracy"))]) + " |")
+            cell(row["sets"].get("gqa", {}).get("accuracy")),
+            *(cell(row["sets"].get(name, {}).get("accuracy")) for name in extra)]) + " |")
     write_results(args.stem, lines, rows)
     return 0
 
