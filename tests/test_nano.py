@@ -58,9 +58,9 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
 @pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")
 def test_bundled_model_accuracy_lower_bounds(tmp_path):
     """Fresh scenes from a world seed never used for training, 120 items per set (24 per GQA-style category). Bounds
-    sit below the measured accuracy (benchmarks/results/nano.md: GQA-style 70.5 %, IconQA-style 92 %, identify
-    42 %, caption object recall 63.2 %, referring boxes 58.5 % on refcoco_val; on this seed 72.5 / 95 / 38.3 /
-    61.1 %, count 87.5 %, colour 95.8 %, boxes 52.5 % with mean IoU 47.9 %) and well above chance (GQA-style: about
+    sit below the measured accuracy (benchmarks/results/nano.md: GQA-style 73.5 %, IconQA-style 93 %, identify
+    48 %, caption object recall 65.8 %, referring boxes 65.5 % on refcoco_val; on this seed 73.3 / 94.2 / 38.3 /
+    62.3 %, count 87.5 %, colour 87.5 %, boxes 56.7 % with mean IoU 49.3 %) and well above chance (GQA-style: about
     15 % over its colour/shape/count/yes-no/word questions; IconQA-style: 3-5 choices, at most 33 %; identify: an
     unparsable or absent object scores 0); the boxes' bounds are above the first grounding bundle's figures on
     this seed (Acc@0.5 15 %, mean IoU 18.9 %)."""
