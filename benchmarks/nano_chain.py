@@ -94,22 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         out = run / "chain" / ("stage0-plain" if label.startswith("base without") else rel.split("/")[0])
         res = run_eval(model, args.sets, eval_root, out, limit=args.limit, mode="standard",
                        batch_size=16)
-        row = {"checkpoint": str(ckpt), "seconds": round(time.perf_counter() - t0, 1),
-               "sets": {k: v["scores"]["standard"]["metrics"] for k, v in res["benchmarks"].items()},
-               "categories": category_breakdown(eval_root / "meta.json", out)}
-        if (out / "refcoco_val" / "answers.jsonl").is_file():
+        sets = {k: v["scores"]["standard"]["metrics"] for k, v in res["benchmarks"].items()}
+        # only this invocation's sets: the folder may hold answers of other sets from an earlier one
+        categories = {k: v for k, v in category_breakdown(eval_root / "meta.json", out).items() if k in sets}
+        row = {"checkpoint": str(ckpt), "seconds": round(time.perf_counter() - t0, 1), "sets": sets,
+               "categories": categories}
+        if "refcoco_val" in sets:
             row["boxes"] = box_stats(out / "refcoco_val" / "answers.jsonl")
         rows[label] = row
         log.info("%s: %s", label, json.dumps(row["sets"]))
 
     extra = [name for name in args.sets.split(",") if name not in ("refcoco_val", "gqa")]  # their accuracy columns
+    header = ["checkpoint", "refer Acc@0.5", "mean IoU", "median centre error", "distinct x1", "colour", "shape",
+              "count", "exist", "GQA-style", *extra]
     lines = [f"# Skills along one nano recipe run: `{run.name}`", "",
              f"Produced by `python benchmarks/nano_chain.py --run {args.run} --limit {args.limit} --sets {args.sets} "
              f"--stem {args.stem}`; standard metrics, the evaluation's prompts, {args.limit} items per set "
              "(GQA-style: 40 per category).", "",
-             "| checkpoint | refer Acc@0.5 | mean IoU | median centre error | distinct x1 | colour | shape | count "
-             "| exist | GQA-style |" + "".join(f" {name} |" for name in extra),
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(v, fmt="{:.1f}"):
         return "—" if v is None else fmt.format(v)

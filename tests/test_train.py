@@ -195,7 +195,8 @@ def test_two_process_gloo_matches_one_process(custom_data, tmp_path):
                            "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "tinygptv", "train",
                            "--config", str(tmp_path / "two.yaml"), "--data-root", str(custom_data),
                            "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    rank_logs = "".join(f"\n--- {f}:\n{f.read_text(errors='replace')[-3000:]}" for f in sorted((tmp_path / "logs").rglob("*.log")))
+    rank_logs = "".join(f"\n--- {f}:\n{f.read_text(errors='replace')[-3000:]}"
+                        for f in sorted((tmp_path / "logs").rglob("*.log")))
     assert proc.returncode == 0, proc.stderr[-3000:] + rank_logs  # the ranks' own output is in their log files
     got = tinygptv.load(tmp_path / "two" / "final").state_dict()
     for k, v in ref.items():
