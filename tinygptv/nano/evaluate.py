@@ -42,6 +42,11 @@ def refers_to(text: str, objects) -> object | None:
     return cands[0] if len(cands) == 1 else None
 
 
+def _name(obj) -> str:
+    x, y = obj.centre
+    return f"{obj.size} {obj.colour} {obj.shape} at ({x:.0f}, {y:.0f})"
+
+
 def _vocab():
     from tinygptv.synth.world import COLOURS, SHAPES, SIZES
 
@@ -52,9 +57,11 @@ _ATTRIBUTES = _vocab()
 _EXTREMES = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}
 
 
-def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = None,
-                         batch: int = 16) -> dict[str, Any]:
-    """Identify accuracy and caption object recall / hallucination on the RefCOCO-style val items."""
+def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = None, batch: int = 16,
+                         out: Path | None = None) -> dict[str, Any]:
+    """Identify accuracy and caption object recall / hallucination on the RefCOCO-style val items; with ``out``,
+    every answer is also written to ``out/identify.jsonl`` (the boxed object, the object the answer refers to or
+    ``null``, whether they agree) and ``out/captions.jsonl`` (the caption, the scene's objects, the words found)."""
     from tinygptv.synth.text import box_text
     from tinygptv.synth.world import SHAPES, Scene
 
@@ -63,6 +70,7 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
     scenes = _scenes(eval_root)
     cfg = GenerationConfig(max_new_tokens=24)
     hits = 0
+    identified: list[dict] = []
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         reqs, gold = [], []
@@ -74,9 +82,13 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
             gold.append(obj)
         for res, obj, it in zip(engine.generate(reqs, cfg), gold, chunk):
             scene = Scene.from_dict(scenes[it["scene"]]["scene"])
-            hits += refers_to(res.text, scene.objects) == obj
+            named = refers_to(res.text, scene.objects)
+            hits += named == obj
+            identified.append({"scene": it["scene"], "answer": res.text, "object": _name(obj),
+                               "named": None if named is None else _name(named), "correct": named == obj,
+                               "n_objects": len(scene.objects)})
     seen, recall_hits, recall_total, extra = set(), 0, 0, 0
-    cap_reqs, cap_scenes = [], []
+    cap_reqs, cap_scenes, captions = [], [], []
     for it in items:
         if it["scene"] in seen:
             continue
@@ -87,10 +99,18 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
         results = engine.generate(cap_reqs[start:start + batch], GenerationConfig(max_new_tokens=48))
         for res, scene in zip(results, cap_scenes[start:start + batch]):
             words = set(re.findall(r"[a-z]+", res.text.lower()))
+            found = 0
             for o in scene.objects:
                 recall_total += 2
-                recall_hits += (o.shape in words) + (o.colour in words)
-            extra += len({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})
+                found += (o.shape in words) + (o.colour in words)
+            recall_hits += found
+            invented = sorted({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})
+            extra += len(invented)
+            captions.append({"scene": scene.id, "caption": res.text, "objects": [_name(o) for o in scene.objects],
+                             "words_found": found, "words_wanted": 2 * len(scene.objects), "invented_shapes": invented})
+    if out is not None:
+        for name, rows in (("identify", identified), ("captions", captions)):
+            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"identify_accuracy": 100.0 * hits / max(1, len(items)), "identify_n": len(items),
             "caption_object_recall": 100.0 * recall_hits / max(1, recall_total),
             "caption_hallucinated_shapes_per_caption": extra / max(1, len(cap_reqs)), "caption_n": len(cap_reqs)}
@@ -108,7 +128,7 @@ def evaluate(model: str | Path | tinygptv.TinyGPTV, world: str | Path, out: str 
     eval_root = world / "eval"
     results = run_eval(model, sets, eval_root, out, limit=limit, mode="both", batch_size=16)
     breakdown = category_breakdown(eval_root / "meta.json", out)
-    extra = identify_and_caption(Engine(model), eval_root, limit)
+    extra = identify_and_caption(Engine(model), eval_root, limit, out=out)
     summary = {"results": results, "categories": breakdown, **extra, "quantize": quantize or "none"}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
