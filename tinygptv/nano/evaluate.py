@@ -69,7 +69,6 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
     items = list(meta["sets"]["refcoco_val"]["items"].values())[:limit]
     scenes = _scenes(eval_root)
     cfg = GenerationConfig(max_new_tokens=24)
-    hits = 0
     identified: list[dict] = []
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
@@ -79,15 +78,13 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
             obj = next(o for o in scene.objects if list(o.box) == it["bbox"])
             q = IDENTIFY_INSTRUCTION.format(box_text(scene, obj))
             reqs.append(engine.chat_request(q, [eval_root / it["image"]]))
-            gold.append(obj)
-        for res, obj, it in zip(engine.generate(reqs, cfg), gold, chunk):
-            scene = Scene.from_dict(scenes[it["scene"]]["scene"])
+            gold.append((obj, scene))
+        for res, (obj, scene), it in zip(engine.generate(reqs, cfg), gold, chunk):
             named = refers_to(res.text, scene.objects)
-            hits += named == obj
             identified.append({"scene": it["scene"], "answer": res.text, "object": _name(obj),
                                "named": None if named is None else _name(named), "correct": named == obj,
                                "n_objects": len(scene.objects)})
-    seen, recall_hits, recall_total, extra = set(), 0, 0, 0
+    seen = set()
     cap_reqs, cap_scenes, captions = [], [], []
     for it in items:
         if it["scene"] in seen:
@@ -99,21 +96,19 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
         results = engine.generate(cap_reqs[start:start + batch], GenerationConfig(max_new_tokens=48))
         for res, scene in zip(results, cap_scenes[start:start + batch]):
             words = set(re.findall(r"[a-z]+", res.text.lower()))
-            found = 0
-            for o in scene.objects:
-                recall_total += 2
-                found += (o.shape in words) + (o.colour in words)
-            recall_hits += found
-            invented = sorted({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})
-            extra += len(invented)
             captions.append({"scene": scene.id, "caption": res.text, "objects": [_name(o) for o in scene.objects],
-                             "words_found": found, "words_wanted": 2 * len(scene.objects), "invented_shapes": invented})
+                             "words_found": sum((o.shape in words) + (o.colour in words) for o in scene.objects),
+                             "words_wanted": 2 * len(scene.objects),
+                             "invented_shapes": sorted({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})})
     if out is not None:
         for name, rows in (("identify", identified), ("captions", captions)):
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"identify_accuracy": 100.0 * hits / max(1, len(items)), "identify_n": len(items),
-            "caption_object_recall": 100.0 * recall_hits / max(1, recall_total),
-            "caption_hallucinated_shapes_per_caption": extra / max(1, len(cap_reqs)), "caption_n": len(cap_reqs)}
+    return {"identify_accuracy": 100.0 * sum(r["correct"] for r in identified) / max(1, len(items)),
+            "identify_n": len(items),
+            "caption_object_recall": 100.0 * sum(c["words_found"] for c in captions)
+            / max(1, sum(c["words_wanted"] for c in captions)),
+            "caption_hallucinated_shapes_per_caption": sum(len(c["invented_shapes"]) for c in captions)
+            / max(1, len(captions)), "caption_n": len(captions)}
 
 
 def evaluate(model: str | Path | tinygptv.TinyGPTV, world: str | Path, out: str | Path, limit: int | None = None,
