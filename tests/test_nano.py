@@ -400,3 +400,31 @@ def test_corner_slots_and_number_codes():
         asked = [object_questions(scene, rng, 3, False, grounding) for _ in range(20)]
         counts = [sum(q.startswith("[") for q, _ in qs) for qs in asked]
         assert all(len(qs) == 3 for qs in asked) and low == min(counts) and max(counts) == high
+
+
+def test_stage0_vision_loop_goes_through_the_lm_every_nth_step(tmp_path, monkeypatch):
+    """``lm_every``: the caption and question losses (one LM forward each) only on steps 0, n, 2n, …"""
+    from tinygptv.model.phi import PhiLM
+    from tinygptv.nano.recipe import SIZES, nano_config, scene_pairs
+    from tinygptv.nano.stage0 import pretrain_lm, pretrain_vision, train_tokenizer
+
+    lines = ["a small red cross on the left<|endoftext|>", "a large blue star at the top<|endoftext|>"] * 40
+    tok = train_tokenizer(lines, 300, tmp_path / "tok")
+    cfg = nano_config(tok.vocab_size)
+    lm = pretrain_lm(cfg, tok, lines, steps=1, batch=2, seq_len=16, amp="none")
+    calls = []
+    forward = PhiLM.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PhiLM, "forward", counted)
+    vision = {}
+    for every in (1, 3):
+        calls.clear()
+        vision[every], _, _ = pretrain_vision(cfg, tok, lm, scene_pairs(0, 64), steps=4, sizes=SIZES, batch=2,
+                                              amp="none", lm_every=every)
+        assert len(calls) == 2 * len(range(0, 4, every))
+    # steps 1 and 2 trained without the LM's losses: the tower comes out different
+    assert any(not torch.equal(vision[1][k], vision[3][k]) for k in vision[1])

@@ -35,6 +35,12 @@ SIZES = (64, 128)  # stages 1-3, stage 4
 # 4500 instead of 3000 (runs/nano-v4500, the same LM files): referring boxes 52.0 -> 56.2 %, identify 42 -> 48 %,
 # count 67.5 -> 72.5 %, GQA-style 70.5 -> 73.5 %, VizWiz-style 60.5 -> 50 %, HM-style 89.5 -> 86.5 %; 2582 -> 3447 s
 LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 4500
+# The vision loop's losses through the frozen LM (caption, questions) on every n-th step only (``pretrain_vision``):
+# a step without them takes ~0.23 s instead of ~0.65 s on a Zen 4 EPYC. With 4 (runs/nano-lm4, the bundle's LM files,
+# two stage-4 seeds against the bundle's recipe's two) the vision step took 1709 s instead of 3447 s (recipe 103 ->
+# 75 min), but shape fell 98.8 -> 91.2 %, referring boxes 55.0 -> 51.9 %, count 77.5 -> 75 %, GQA-style 74.5 -> 72.2 %
+# on the means, each on both seeds; colour rose 95 -> 97.5 %: not the recipe
+VISION_LM_EVERY = 1
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
 # then on object tokens that also carry each object's box (corner slots), with grounding questions (``[refer]`` →
@@ -405,7 +411,7 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         vis, qf, proj = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
                                          vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp,
-                                         new_norms=new_norms)
+                                         new_norms=new_norms, lm_every=VISION_LM_EVERY)
         # the base keeps the projection the tower was trained through; with a fresh one (the official start) the
         # same recipe ended at referring boxes 8.2 %, count 60 % (runs/nano-phased16) against 16.3 / 75 %
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj)

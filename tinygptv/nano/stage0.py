@@ -457,13 +457,15 @@ class AuxHeads(torch.nn.Module):
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
                     seed: int = 0, vit_steps: int = 0, amp: str = "auto",
-                    new_norms: bool = False) -> tuple[dict, dict, dict]:
+                    new_norms: bool = False, lm_every: int = 1) -> tuple[dict, dict, dict]:
     """Train ViT + Q-Former (+ a projection) through the frozen stage-0 LM (``new_norms``: as it was pretrained,
     :func:`stage0_lm`) on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
-    ``vit_steps`` steps of :func:`warm_up_vit` come first. Returns the ViT+``ln_vision``, Q-Former and projection
-    state dicts.
+    ``vit_steps`` steps of :func:`warm_up_vit` come first. ``lm_every``: the losses through the LM (caption and
+    questions, two LM forwards and backwards, most of a step's time) on every ``lm_every``-th step only; the other
+    steps train on the auxiliary heads, the object-token match and the query boxes. Returns the ViT+``ln_vision``,
+    Q-Former and projection state dicts.
     """
     torch.manual_seed(seed)
     model = TinyGPTV(replace(cfg, lm=stage0_lm_config(cfg, new_norms), lora=replace(cfg.lora, r=0)))
@@ -490,29 +492,38 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         size = sizes[step % len(sizes)]
         items = pairs(rng, batch, size // cfg.vision.patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
+        through_lm = step % lm_every == 0
         with autocast:
             feats = model.vision(px, interpolate_pos=True)  # [B, 1+g², W]
             queries = model.qformer(feats)  # [B, Q, H]
             emb = model.projector(queries)  # [B, Q, C]
+        targets = [t for _, _, t in items]
+        loss = heads.loss(feats, queries, targets)
+        if through_lm:
             examples = [Example(None, [(text + "\n", True)]) for _, text, _ in items]
             b = build_batch(examples, [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0, max_txt_len=96)
-            logits = model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)
-        caption = causal_lm_loss(logits, b.labels)
-        targets = [t for _, _, t in items]
-        loss = caption + heads.loss(feats, queries, targets)
+            with autocast:
+                logits = model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)
+            caption = causal_lm_loss(logits, b.labels)
+            loss = loss + caption
+            shown["caption"] = caption
         if "objects" in targets[0]:  # image tokens as the object tokens the LM was taught to read
             wanted = [object_tokens(t["objects"], t["boxes"], table, tok, code) for t in targets]
             match, matches = object_match_loss(emb, wanted, rms)
             box = heads.box_loss(queries, matches, [token_boxes(t["objects"], t["boxes"]) for t in targets])
-            qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets], [e[None] for e in emb],
-                                   tok, model.lm.embed_tokens, 0, 0)
-            with autocast:
-                qa_logits = model.lm(inputs_embeds=qa_batch.inputs_embeds, attention_mask=qa_batch.attention_mask)
-            qa = causal_lm_loss(qa_logits, qa_batch.labels)
-            loss = loss + match + qa + BOX_WEIGHT * box
-            shown = {"match": match, "qa": qa, "box": box}
-        opt.update(loss, step, caption=caption, total=loss, size=size, **shown)
-    log.info("stage0 vision: final caption loss %.3f, total %.3f", caption.item(), loss.item())
+            loss = loss + match + BOX_WEIGHT * box
+            shown.update(match=match, box=box)
+            if through_lm:
+                qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets],
+                                       [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0)
+                with autocast:
+                    qa_logits = model.lm(inputs_embeds=qa_batch.inputs_embeds,
+                                         attention_mask=qa_batch.attention_mask)
+                qa = causal_lm_loss(qa_logits, qa_batch.labels)
+                loss = loss + qa
+                shown["qa"] = qa
+        opt.update(loss, step, total=loss, size=size, **shown)
+    log.info("stage0 vision: final caption loss %.3f, total %.3f", shown["caption"].item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()},
             {k: v.detach().clone() for k, v in model.projector.state_dict().items()})
