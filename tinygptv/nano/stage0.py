@@ -467,6 +467,8 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     steps train on the auxiliary heads, the object-token match and the query boxes. Returns the ViT+``ln_vision``,
     Q-Former and projection state dicts.
     """
+    if lm_every < 1:
+        raise ValueError(f"lm_every={lm_every}: the losses through the LM run on every n-th step, n >= 1")
     torch.manual_seed(seed)
     model = TinyGPTV(replace(cfg, lm=stage0_lm_config(cfg, new_norms), lora=replace(cfg.lora, r=0)))
     _init_(model, seed)
@@ -506,13 +508,13 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
                 logits = model.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask)
             caption = causal_lm_loss(logits, b.labels)
             loss = loss + caption
-            shown["caption"] = caption
+            shown["caption"] = caption.detach()
         if "objects" in targets[0]:  # image tokens as the object tokens the LM was taught to read
             wanted = [object_tokens(t["objects"], t["boxes"], table, tok, code) for t in targets]
             match, matches = object_match_loss(emb, wanted, rms)
             box = heads.box_loss(queries, matches, [token_boxes(t["objects"], t["boxes"]) for t in targets])
             loss = loss + match + BOX_WEIGHT * box
-            shown.update(match=match, box=box)
+            shown.update(match=match.detach(), box=box.detach())
             if through_lm:
                 qa_batch = build_batch([qa_example(t["qas"], rng, chat=0.5) for t in targets],
                                        [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0)
@@ -521,7 +523,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
                                          attention_mask=qa_batch.attention_mask)
                 qa = causal_lm_loss(qa_logits, qa_batch.labels)
                 loss = loss + qa
-                shown["qa"] = qa
+                shown["qa"] = qa.detach()
         opt.update(loss, step, total=loss, size=size, **shown)
     log.info("stage0 vision: final caption loss %.3f, total %.3f", shown["caption"].item(), loss.item())
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
