@@ -96,10 +96,10 @@ def identify_and_caption(engine: Engine, eval_root: Path, limit: int | None = No
         results = engine.generate(cap_reqs[start:start + batch], GenerationConfig(max_new_tokens=48))
         for res, scene in zip(results, cap_scenes[start:start + batch]):
             words = set(re.findall(r"[a-z]+", res.text.lower()))
+            invented = sorted({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})
             captions.append({"scene": scene.id, "caption": res.text, "objects": [_name(o) for o in scene.objects],
                              "words_found": sum((o.shape in words) + (o.colour in words) for o in scene.objects),
-                             "words_wanted": 2 * len(scene.objects),
-                             "invented_shapes": sorted({s for s in SHAPES if s in words} - {o.shape for o in scene.objects})})
+                             "words_wanted": 2 * len(scene.objects), "invented_shapes": invented})
     if out is not None:
         for name, rows in (("identify", identified), ("captions", captions)):
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -39,8 +39,8 @@ LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 4500
 # a step without them takes ~0.23 s instead of ~0.65 s on a Zen 4 EPYC. With 4 (runs/nano-lm4, the bundle's LM files,
 # two stage-4 seeds against the bundle's recipe's two) the vision step took 1709 s instead of 3447 s (recipe 103 ->
 # 75 min), but shape fell 98.8 -> 91.2 %, referring boxes 55.0 -> 51.9 %, count 77.5 -> 75 %, GQA-style 74.5 -> 72.2 %
-# on the means (shape and boxes lower on both seeds); colour rose 95 -> 97.5 %. With 2 (runs/nano-lm2, seed 42 only; 2122 s): shape
-# 90, count 67.5, boxes 53.5 % against the bundle's 97.5 / 80 / 54.3 %, no better than 4: not the recipe
+# on the means (shape and boxes lower on both seeds); colour rose 95 -> 97.5 %. With 2 (runs/nano-lm2, seed 42 only;
+# 2122 s): shape 90, count 67.5, boxes 53.5 % against the bundle's 97.5 / 80 / 54.3 %, no better than 4: not the recipe
 VISION_LM_EVERY = 1
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
