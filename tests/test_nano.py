@@ -426,7 +426,15 @@ def test_stage0_vision_loop_goes_through_the_lm_every_nth_step(tmp_path, monkeyp
         vision[every], _, _ = pretrain_vision(cfg, tok, lm, scene_pairs(0, 64), steps=4, sizes=SIZES, batch=2,
                                               amp="none", lm_every=every)
         assert len(calls) == 2 * len(range(0, 4, every))
+    calls.clear()  # captions on steps 0 and 3 only, questions on all four
+    thinned, _, _ = pretrain_vision(cfg, tok, lm, scene_pairs(0, 64), steps=4, sizes=SIZES, batch=2, amp="none",
+                                    caption_every=3)
+    assert len(calls) == 2 + 4
+    assert any(not torch.equal(vision[1][k], thinned[k]) for k in thinned)
     with pytest.raises(ValueError, match="lm_every=0"):
         pretrain_vision(cfg, tok, lm, scene_pairs(0, 64), steps=1, sizes=SIZES, batch=2, amp="none", lm_every=0)
+    with pytest.raises(ValueError, match="caption_every=0"):
+        pretrain_vision(cfg, tok, lm, scene_pairs(0, 64), steps=1, sizes=SIZES, batch=2, amp="none",
+                        caption_every=0)
     # steps 1 and 2 trained without the LM's losses: the tower comes out different
     assert any(not torch.equal(vision[1][k], vision[3][k]) for k in vision[1])

@@ -42,6 +42,7 @@ LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 4500
 # on the means (shape and boxes lower on both seeds); colour rose 95 -> 97.5 %. With 2 (runs/nano-lm2, seed 42 only;
 # 2122 s): shape 90, count 67.5, boxes 53.5 % against the bundle's 97.5 / 80 / 54.3 %, no better than 4: not the recipe
 VISION_LM_EVERY = 1
+VISION_CAPTION_EVERY = 1  # of those steps, the caption loss on every n-th only (the question loss on all)
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
 # then on object tokens that also carry each object's box (corner slots), with grounding questions (``[refer]`` →
@@ -412,7 +413,8 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         vis, qf, proj = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
                                          vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp,
-                                         new_norms=new_norms, lm_every=VISION_LM_EVERY)
+                                         new_norms=new_norms, lm_every=VISION_LM_EVERY,
+                                         caption_every=VISION_CAPTION_EVERY)
         # the base keeps the projection the tower was trained through; with a fresh one (the official start) the
         # same recipe ended at referring boxes 8.2 %, count 60 % (runs/nano-phased16) against 16.3 / 75 %
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj)

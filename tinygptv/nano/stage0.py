@@ -457,18 +457,21 @@ class AuxHeads(torch.nn.Module):
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
                     seed: int = 0, vit_steps: int = 0, amp: str = "auto",
-                    new_norms: bool = False, lm_every: int = 1) -> tuple[dict, dict, dict]:
+                    new_norms: bool = False, lm_every: int = 1,
+                    caption_every: int = 1) -> tuple[dict, dict, dict]:
     """Train ViT + Q-Former (+ a projection) through the frozen stage-0 LM (``new_norms``: as it was pretrained,
     :func:`stage0_lm`) on (image, text) pairs.
 
     ``cfg.vision.image_size`` is the stored resolution; batches alternate over ``sizes`` (others interpolated).
     ``vit_steps`` steps of :func:`warm_up_vit` come first. ``lm_every``: the losses through the LM (caption and
     questions, two LM forwards and backwards, most of a step's time) on every ``lm_every``-th step only; the other
-    steps train on the auxiliary heads, the object-token match and the query boxes. Returns the ViT+``ln_vision``,
-    Q-Former and projection state dicts.
+    steps train on the auxiliary heads, the object-token match and the query boxes. ``caption_every``: among the
+    steps through the LM, the caption loss (one of the two LM forwards) on every ``caption_every``-th only, the
+    question loss on all of them. Returns the ViT+``ln_vision``, Q-Former and projection state dicts.
     """
-    if lm_every < 1:
-        raise ValueError(f"lm_every={lm_every}: the losses through the LM run on every n-th step, n >= 1")
+    for name, every in (("lm_every", lm_every), ("caption_every", caption_every)):
+        if every < 1:
+            raise ValueError(f"{name}={every}: the losses through the LM run on every n-th step, n >= 1")
     torch.manual_seed(seed)
     model = TinyGPTV(replace(cfg, lm=stage0_lm_config(cfg, new_norms), lora=replace(cfg.lora, r=0)))
     _init_(model, seed)
@@ -495,13 +498,14 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
         items = pairs(rng, batch, size // cfg.vision.patch_size)
         px = torch.stack([preprocess(im, size) for im, _, _ in items])
         through_lm = step % lm_every == 0
+        captioned = through_lm and step % (lm_every * caption_every) == 0
         with autocast:
             feats = model.vision(px, interpolate_pos=True)  # [B, 1+g², W]
             queries = model.qformer(feats)  # [B, Q, H]
             emb = model.projector(queries)  # [B, Q, C]
         targets = [t for _, _, t in items]
         loss = heads.loss(feats, queries, targets)
-        if through_lm:
+        if captioned:
             examples = [Example(None, [(text + "\n", True)]) for _, text, _ in items]
             b = build_batch(examples, [e[None] for e in emb], tok, model.lm.embed_tokens, 0, 0, max_txt_len=96)
             with autocast:
