@@ -68,7 +68,9 @@ from safetensors.torch import load_file
 from tinygptv.model.phi import PhiLM
 from tinygptv.model.sequence import build_batch, causal_lm_loss
 from tinygptv.nano import stage0
-from tinygptv.nano.recipe import grounding_questions, nano_config, object_boxes, object_words
+from tinygptv.nano.evaluate import refers_to
+from tinygptv.nano.recipe import (IDENTIFY_ANSWERS, grounding_questions, identify_answer, nano_config, object_boxes,
+                                  object_words)
 from tinygptv.nano.stage0 import CornerCode, object_tokens
 from tinygptv.synth.text import box_text
 from tinygptv.synth.world import Scene, referring_expressions, sample_scene
@@ -159,6 +161,23 @@ def teacher_forced(coder: Coder, example, slots: torch.Tensor) -> tuple[list[int
     return pred[supervised].tolist(), target[supervised].tolist()
 
 
+def greedy(coder: Coder, example, slots: torch.Tensor, max_new: int = 8) -> str:
+    """The LM's greedy answer (text, up to the end of the turn) to the question of ``example``, whose answer is
+    ignored but for where it starts."""
+    lm = coder.lm
+    b = build_batch([example], [slots], coder.tok, lm.embed_tokens, 0, 0)
+    start = int((b.labels[0] != -100).nonzero()[0])  # the first answer token
+    x, ids = b.inputs_embeds[:, :start], []
+    for _ in range(max_new):
+        nxt = int(lm(inputs_embeds=x)[0, -1].argmax())
+        ids.append(nxt)
+        text = coder.tok.decode(ids)
+        if "###" in text or "</s>" in text or "\n" in text:
+            break
+        x = torch.cat([x, lm.embed_tokens(torch.tensor([[nxt]]))], 1)
+    return re.split(r"###|</s>|\n", coder.tok.decode(ids))[0]
+
+
 def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
     """Teacher-forced colour and shape questions (the whole answer right) about scenes of two or more objects, with
     a random generator of their own so that the grounding scores stay as they were."""
@@ -181,12 +200,16 @@ def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def score(coder: Coder, n: int = 200, seed: int = 99) -> dict[str, float]:
+def score(coder: Coder, n: int = 200, seed: int = 99, identify: str = "shortest") -> dict[str, float]:
+    """Teacher-forced scores (``identify`` against the answer form the LM was trained on, ``identify``), and
+    ``identify_greedy`` (``_2`` / ``_3`` / ``_4``: scenes of that many objects): the
+    greedy answer picks out exactly the boxed object, as the nano evaluation scores it, whatever its form."""
     lm, tok = coder.lm, coder.tok
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     lm.eval()
     hits: dict[str, list[float]] = {k: [] for k in ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one",
-                                                    "identify_one")}
+                                                    "identify_one", "identify_greedy", "identify_greedy_2",
+                                                    "identify_greedy_3", "identify_greedy_4")}
     for k in range(n):
         scene = sample_scene(rng, f"grounding-eval-{k}", image_size=128)
         i = rng.randrange(len(scene.objects))
@@ -197,9 +220,14 @@ def score(coder: Coder, n: int = 200, seed: int = 99) -> dict[str, float]:
         box = box_text(scene, scene.objects[i])
         for kind, question, answer in (("refer", f"[refer] give me the location of {specs[0].text()}", box),
                                        ("identify", f"[identify] what object is in this location {box}",
-                                        specs[0].text())):
-            got, want = teacher_forced(coder, stage0.qa_example([(question, answer)], rng, chat=1.0), slots)
+                                        identify_answer(scene, i, identify))):
+            example = stage0.qa_example([(question, answer)], rng, chat=1.0)
+            got, want = teacher_forced(coder, example, slots)
             if kind == "identify":
+                named = refers_to(greedy(coder, example, slots), scene.objects)
+                hits["identify_greedy"].append(float(named is scene.objects[i]))
+                if len(scene.objects) > 1:
+                    hits[f"identify_greedy_{min(len(scene.objects), 4)}"].append(hits["identify_greedy"][-1])
                 n_answer = len(tok.encode(answer))
                 right = float(got[:n_answer] == want[:n_answer])
             else:
@@ -217,13 +245,14 @@ def score(coder: Coder, n: int = 200, seed: int = 99) -> dict[str, float]:
 
 
 def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, grounding: float,
-                    seed: int = 0, lm_file: str = "lm-objects.safetensors", n: int = 200) -> list[dict]:
+                    seed: int = 0, lm_file: str = "lm-objects.safetensors", n: int = 200,
+                    identify: str = "shortest") -> list[dict]:
     tok = Tokenizer.from_folder(run / "stage0" / "tokenizer")
     cfg = nano_config(tok.vocab_size)
     lm = PhiLM(replace(cfg.lm, qk_norm=False, post_attn_norm=False, resid_dropout=0.0))
     lm.load_state_dict(load_file(str(run / "stage0" / lm_file)))
     coder = Coder(config, lm, tok)
-    rows = [{"step": 0, **score(coder, n)}]
+    rows = [{"step": 0, **score(coder, n, identify=identify)}]
     print(config, rows[-1], flush=True)
     if not steps:
         return rows
@@ -239,7 +268,7 @@ def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, g
         for _ in range(24):
             scene = sample_scene(rng, f"grounding-{seed}-{step}-{len(examples)}", image_size=128)
             qas = other_questions(scene, rng, 3)
-            extra = grounding_questions(scene, rng)
+            extra = grounding_questions(scene, rng, identify)
             if extra and rng.random() < grounding:
                 qas = rng.sample(extra, min(2, len(extra))) + qas[:1]
             examples.append(stage0.qa_example(qas, rng, 0.5))
@@ -252,7 +281,8 @@ def train_and_score(config: str, run: Path, steps: int, every: int, lr: float, g
         text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
         opt.update(objects + text, step, objects=objects, text=text)
         if (step + 1) % every == 0 or step + 1 == steps:
-            rows.append({"step": step + 1, "seconds": round(time.perf_counter() - t0), **score(coder, n)})
+            rows.append({"step": step + 1, "seconds": round(time.perf_counter() - t0),
+                         **score(coder, n, identify=identify)})
             print(config, rows[-1], flush=True)
     return rows
 
@@ -262,23 +292,29 @@ def main() -> None:
     ap.add_argument("--grounding", type=float, default=0.5, help="share of scenes with two grounding questions")
     ap.add_argument("--lm", default="lm-objects.safetensors", help="the run's stage-0 LM file to start from")
     ap.add_argument("--scenes", type=int, default=200, help="fresh scenes per score (grounding, attributes)")
+    ap.add_argument("--identify", choices=IDENTIFY_ANSWERS, default="shortest",
+                    help="what the [identify] questions answer while training (and teacher-forced scoring)")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = {c: train_and_score(c, Path(args.run), args.steps, args.every, args.lr, args.grounding, lm_file=args.lm,
-                                  n=args.scenes)
+                                  n=args.scenes, identify=args.identify)
                for c in args.configs.split(",")}
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "run": args.run, "steps": args.steps, "lr": args.lr,
-            "grounding": args.grounding, "lm": args.lm, "scenes": args.scenes}
+            "grounding": args.grounding, "lm": args.lm, "scenes": args.scenes, "identify": args.identify}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "colour", "shape")
+    cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "identify_greedy",
+            "identify_greedy_2", "identify_greedy_3", "identify_greedy_4", "colour", "shape")
     lines = ["# Grounding from ideal object tokens (stage-0 LM)", "",
              f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --lm {args.lm} --steps {args.steps} "
              f"--every {args.every} --lr {args.lr} "
-             f"--grounding {args.grounding} --scenes {args.scenes} --configs {args.configs} --stem {args.stem}` "
+             f"--grounding {args.grounding} --scenes {args.scenes} --configs {args.configs} --identify {args.identify} "
+             f"--stem {args.stem}` "
              f"({meta['threads']} threads, torch {meta['torch']}). Teacher-forced scores on {args.scenes} fresh scenes "
-             "(colour / shape: those of two or more objects); `_one`: scenes of one object.", "",
+             "(colour / shape: those of two or more objects); `_one`: scenes of one object; `identify` against the "
+             f"trained answer form ({args.identify}); `identify_greedy`: the greedy answer picks out exactly the boxed "
+             "object, as the nano evaluation scores it (`_2` / `_3` / `_4`: scenes of that many objects).", "",
              "| config | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for config, rows in results.items():
         lines += [f"| {config} | {r['step']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]

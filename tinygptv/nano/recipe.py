@@ -225,9 +225,31 @@ def object_boxes(scene) -> list[stage0.Corners]:
             for o in scene.objects]
 
 
-def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
+# What the stage-0 ``[identify]`` questions answer: "shortest", the object's shortest unique attribute expression
+# ("the circle", "the red object": which words suffice depends on the other objects), or "full", its size, colour and
+# shape ("the large red circle", unique in every scene of the world, and accepted by the identify metric)
+IDENTIFY_ANSWERS = ("shortest", "full")
+IDENTIFY_ANSWER = "shortest"
+
+
+def identify_answer(scene, index: int, form: str | None = None) -> str:
+    """The answer to an ``[identify]`` question about object ``index`` in the form ``form`` (default
+    :data:`IDENTIFY_ANSWER`, one of :data:`IDENTIFY_ANSWERS`)."""
+    from tinygptv.synth.world import RefSpec, unique_attribute_specs
+
+    form = form or IDENTIFY_ANSWER
+    if form not in IDENTIFY_ANSWERS:
+        raise ValueError(f"identify answer form {form!r}: expected one of {', '.join(IDENTIFY_ANSWERS)}")
+    if form == "shortest":
+        return unique_attribute_specs(scene, index)[0].text()
+    o = scene.objects[index]
+    return RefSpec(shape=o.shape, colour=o.colour, size=o.size).text()
+
+
+def grounding_questions(scene, rng: random.Random, identify: str | None = None) -> list[tuple[str, str]]:
     """Per object that some expression picks out, a ``[refer]`` question (→ its box on the 0–100 grid) or an
-    ``[identify]`` question (its box → its shortest attribute expression), as stage 4 and the evaluation ask them."""
+    ``[identify]`` question (its box → :func:`identify_answer` in the form ``identify``), as stage 4 and the
+    evaluation ask them."""
     from tinygptv.eval.refcoco import REFER_INSTRUCTION
     from tinygptv.nano.evaluate import IDENTIFY_INSTRUCTION
     from tinygptv.synth.text import box_text
@@ -241,7 +263,7 @@ def grounding_questions(scene, rng: random.Random) -> list[tuple[str, str]]:
         if rng.random() < 0.5:
             out.append((REFER_INSTRUCTION.format(rng.choice(specs).text()), box_text(scene, o)))
         else:
-            out.append((IDENTIFY_INSTRUCTION.format(box_text(scene, o)), specs[0].text()))
+            out.append((IDENTIFY_INSTRUCTION.format(box_text(scene, o)), identify_answer(scene, i, identify)))
     return out
 
 
