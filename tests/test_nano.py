@@ -107,6 +107,34 @@ def test_load_defaults_to_the_bundled_model():
     assert model.template.name == tinygptv.load("nano").template.name
 
 
+def test_identify_answers_in_either_form_pick_out_the_boxed_object():
+    """``identify_answer``: the shortest form is the first unique attribute expression (as the stage-0 identify
+    questions always answered), the full form names size, colour and shape; both pick out exactly the object under
+    the identify metric, on scenes of one to four objects."""
+    import random
+
+    from tinygptv.nano.evaluate import refers_to
+    from tinygptv.nano.recipe import grounding_questions, identify_answer
+    from tinygptv.synth.world import sample_scene, unique_attribute_specs
+
+    rng = random.Random(3)
+    lengths = {"shortest": [], "full": []}
+    for k in range(60):
+        scene = sample_scene(rng, f"identify-{k}")
+        for i, o in enumerate(scene.objects):
+            assert identify_answer(scene, i) == unique_attribute_specs(scene, i)[0].text()
+            assert identify_answer(scene, i, "full") == f"the {o.size} {o.colour} {o.shape}"
+            for form in lengths:
+                answer = identify_answer(scene, i, form)
+                assert refers_to(answer, scene.objects) is o, (form, answer)
+                lengths[form].append(len(answer.split()))
+        asked = grounding_questions(scene, random.Random(k), "full")
+        assert all(a.count(" ") == 3 for q, a in asked if q.startswith("[identify]"))
+    assert sum(lengths["shortest"]) < sum(lengths["full"]) == 4 * len(lengths["full"])
+    with pytest.raises(ValueError, match="'longest'"):
+        identify_answer(scene, 0, "longest")
+
+
 def test_identify_metric_resolves_referring_expressions():
     from tinygptv.nano.evaluate import refers_to
     from tinygptv.synth.world import Obj
