@@ -292,16 +292,18 @@ def main() -> None:
     ap.add_argument("--grounding", type=float, default=0.5, help="share of scenes with two grounding questions")
     ap.add_argument("--lm", default="lm-objects.safetensors", help="the run's stage-0 LM file to start from")
     ap.add_argument("--scenes", type=int, default=200, help="fresh scenes per score (grounding, attributes)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training scenes and slots (scoring: fixed)")
     ap.add_argument("--identify", choices=IDENTIFY_ANSWERS, default="shortest",
                     help="what the [identify] questions answer while training (and teacher-forced scoring)")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = {c: train_and_score(c, Path(args.run), args.steps, args.every, args.lr, args.grounding, lm_file=args.lm,
-                                  n=args.scenes, identify=args.identify)
+                                  seed=args.seed, n=args.scenes, identify=args.identify)
                for c in args.configs.split(",")}
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "run": args.run, "steps": args.steps, "lr": args.lr,
-            "grounding": args.grounding, "lm": args.lm, "scenes": args.scenes, "identify": args.identify}
+            "grounding": args.grounding, "lm": args.lm, "scenes": args.scenes, "identify": args.identify,
+            "seed": args.seed}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     cols = ("refer_acc50", "refer_numbers", "identify", "refer_acc50_one", "identify_one", "identify_greedy",
@@ -310,7 +312,7 @@ def main() -> None:
              f"Produced by `python benchmarks/lm_grounding.py --run {args.run} --lm {args.lm} --steps {args.steps} "
              f"--every {args.every} --lr {args.lr} "
              f"--grounding {args.grounding} --scenes {args.scenes} --configs {args.configs} --identify {args.identify} "
-             f"--stem {args.stem}` "
+             f"--seed {args.seed} --stem {args.stem}` "
              f"({meta['threads']} threads, torch {meta['torch']}). Teacher-forced scores on {args.scenes} fresh scenes "
              "(colour / shape: those of two or more objects); `_one`: scenes of one object; `identify` against the "
              f"trained answer form ({args.identify}); `identify_greedy`: the greedy answer picks out exactly the boxed "

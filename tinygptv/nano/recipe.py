@@ -42,7 +42,9 @@ LM_STEPS, VIT_STEPS, VISION_STEPS = 1000, 3000, 4500
 # on the means (shape and boxes lower on both seeds); colour rose 95 -> 97.5 %. With 2 (runs/nano-lm2, seed 42 only;
 # 2122 s): shape 90, count 67.5, boxes 53.5 % against the bundle's 97.5 / 80 / 54.3 %, no better than 4: not the recipe
 VISION_LM_EVERY = 1
-VISION_CAPTION_EVERY = 1  # of those steps, the caption loss on every n-th only (the question loss on all)
+# of those steps, the caption loss on every n-th only, the question loss on all: the cheaper loop the runs above
+# point to (the questions kept), not measured yet (the 2026-12-07 stop had an AVX2-only CPU, hours per recipe)
+VISION_CAPTION_EVERY = 1
 LM_DOCUMENTS = 30_000  # scene documents (description + questions) added to the corpus for the stage-0 LM
 OBJECT_STEPS = 1000  # stage 0: the LM continued on questions about object tokens (``stage0.pretrain_lm_objects``)
 # then on object tokens that also carry each object's box (corner slots), with grounding questions (``[refer]`` →
