@@ -232,7 +232,8 @@ def object_boxes(scene) -> list[stage0.Corners]:
 # shape ("the large red circle", unique in every scene of the world, and accepted by the identify metric). Measured
 # over ideal object tokens (benchmarks/lm_grounding.py --identify, 900 grounding steps from one attribute-phase LM,
 # fp32): identify as evaluated 46.0 -> 66.5 % (2 / 3 / 4 objects 53.1 / 27.1 / 15.3 -> 74.8 / 52.5 / 43.1 %), refer
-# Acc@0.5 69.8 -> 67.5 %, colour 92.5 -> 90.6 %; not yet run through the tower and stage 4, so not the recipe's value
+# Acc@0.5 69.8 -> 67.5 %, colour 92.5 -> 90.6 % (another draw, 450 steps: identify 46.2 -> 55.2, refer 40.2 -> 31.8 %);
+# not yet run through the tower and stage 4, so not the recipe's value
 IDENTIFY_ANSWERS = ("shortest", "full")
 IDENTIFY_ANSWER = "shortest"
 
