@@ -161,6 +161,9 @@ def teacher_forced(coder: Coder, example, slots: torch.Tensor) -> tuple[list[int
     return pred[supervised].tolist(), target[supervised].tolist()
 
 
+TURN_END = re.compile(r"###|</s>|\n")  # where a greedy answer ends (the templates' end symbols)
+
+
 def greedy(coder: Coder, example, slots: torch.Tensor, max_new: int = 8) -> str:
     """The LM's greedy answer (text, up to the end of the turn) to the question of ``example``, whose answer is
     ignored but for where it starts."""
@@ -169,13 +172,11 @@ def greedy(coder: Coder, example, slots: torch.Tensor, max_new: int = 8) -> str:
     start = int((b.labels[0] != -100).nonzero()[0])  # the first answer token
     x, ids = b.inputs_embeds[:, :start], []
     for _ in range(max_new):
-        nxt = int(lm(inputs_embeds=x)[0, -1].argmax())
-        ids.append(nxt)
-        text = coder.tok.decode(ids)
-        if "###" in text or "</s>" in text or "\n" in text:
+        ids.append(int(lm(inputs_embeds=x)[0, -1].argmax()))
+        if TURN_END.search(coder.tok.decode(ids)):
             break
-        x = torch.cat([x, lm.embed_tokens(torch.tensor([[nxt]]))], 1)
-    return re.split(r"###|</s>|\n", coder.tok.decode(ids))[0]
+        x = torch.cat([x, lm.embed_tokens(torch.tensor([ids[-1:]]))], 1)
+    return TURN_END.split(coder.tok.decode(ids))[0]
 
 
 def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
@@ -201,9 +202,9 @@ def attribute_hits(coder: Coder, n: int, seed: int) -> dict[str, list[float]]:
 
 @torch.no_grad()
 def score(coder: Coder, n: int = 200, seed: int = 99, identify: str = "shortest") -> dict[str, float]:
-    """Teacher-forced scores (``identify`` against the answer form the LM was trained on, ``identify``), and
-    ``identify_greedy`` (``_2`` / ``_3`` / ``_4``: scenes of that many objects): the
-    greedy answer picks out exactly the boxed object, as the nano evaluation scores it, whatever its form."""
+    """Teacher-forced scores (the ``identify`` score against answers in the form ``identify``, the one trained),
+    and ``identify_greedy`` (``_2`` / ``_3`` / ``_4``: scenes of that many objects): the greedy answer picks out
+    exactly the boxed object, as the nano evaluation scores it, whatever its form."""
     lm, tok = coder.lm, coder.tok
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     lm.eval()
