@@ -105,6 +105,40 @@ def test_refer_examples_box_the_unique_referent(world, name):
         assert _denotes(scene, s.example.targets[0][0].removesuffix("###"), target)
 
 
+def test_refer_full_name_adds_it_to_refcoco_refs_and_changes_nothing_else(tmp_path, monkeypatch):
+    """``REFER_FULL_NAME``: every RefCOCO / RefCOCO+ ref gains the object's full name after its own sentences
+    (none gained twice), RefCOCOg and the evaluation sets stay byte-identical, and the images too."""
+    import pickle
+
+    from tinygptv.synth import writers_coco
+
+    kwargs = {"scale": 0.02, "eval_size": 4}
+    generate_world(tmp_path / "plain", seed=3, **kwargs)
+    monkeypatch.setattr(writers_coco, "REFER_FULL_NAME", True)
+    generate_world(tmp_path / "full", seed=3, **kwargs)
+    plain, full = tree_hashes(tmp_path / "plain"), tree_hashes(tmp_path / "full")
+    changed = {k for k in plain if plain[k] != full[k]}
+    assert set(plain) == set(full)
+    assert changed == {"corpus.txt", "world.json", "refcoco_annotations/refcoco/refs(unc).p",
+                       "refcoco_annotations/refcoco+/refs(unc).p"}
+    instances = json.loads((tmp_path / "full" / "refcoco_annotations" / "refcoco" / "instances.json").read_text())
+    index = scene_index(tmp_path / "full")
+    by_ann = {a["id"]: a for a in instances["annotations"]}
+    for name in ("refcoco", "refcoco+"):
+        before, after = (pickle.loads((tmp_path / w / "refcoco_annotations" / name / "refs(unc).p").read_bytes())
+                         for w in ("plain", "full"))
+        added = 0
+        for a, b in zip(before, after, strict=True):
+            old, new = [s["raw"] for s in a["sentences"]], [s["raw"] for s in b["sentences"]]
+            scene = index[f"coco/train2014/COCO_train2014_{b['image_id']:012}.jpg"]
+            (o,) = [o for o in scene.objects if list(o.box) == by_ann[b["ann_id"]]["bbox"]]
+            wanted = f"the {o.size} {o.colour} {o.shape}"
+            assert new == (old if wanted in old else old + [wanted]), (name, old, new)
+            assert len(set(new)) == len(new) and b["sent_ids"] == [s["sent_id"] for s in b["sentences"]]
+            added += len(new) - len(old)
+        assert added > 0.3 * len(after), name
+
+
 def test_vqa_examples_and_annotations_are_correct(world):
     index = scene_index(world)
     checked = 0

@@ -241,15 +241,14 @@ IDENTIFY_ANSWER = "shortest"
 def identify_answer(scene, index: int, form: str | None = None) -> str:
     """The answer to an ``[identify]`` question about object ``index`` in the form ``form`` (default
     :data:`IDENTIFY_ANSWER`, one of :data:`IDENTIFY_ANSWERS`)."""
-    from tinygptv.synth.world import RefSpec, unique_attribute_specs
+    from tinygptv.synth.world import full_name, unique_attribute_specs
 
     form = form or IDENTIFY_ANSWER
     if form not in IDENTIFY_ANSWERS:
         raise ValueError(f"identify answer form {form!r}: expected one of {', '.join(IDENTIFY_ANSWERS)}")
     if form == "shortest":
         return unique_attribute_specs(scene, index)[0].text()
-    o = scene.objects[index]
-    return RefSpec(shape=o.shape, colour=o.colour, size=o.size).text()
+    return full_name(scene, index).text()
 
 
 def grounding_questions(scene, rng: random.Random, identify: str | None = None) -> list[tuple[str, str]]:

@@ -324,6 +324,12 @@ def referring_expressions(scene: Scene, index: int, kinds: tuple[str, ...] = ("a
     return [s for s in dict.fromkeys(out) if resolve(scene, s) == [index]]
 
 
+def full_name(scene: Scene, index: int) -> RefSpec:
+    """Object ``index``'s size, colour and shape: unique in every scene of the world (it never holds two alike)."""
+    o = scene.objects[index]
+    return RefSpec(shape=o.shape, colour=o.colour, size=o.size)
+
+
 def unique_attribute_specs(scene: Scene, index: int) -> list[RefSpec]:
     """The unique attribute-only expressions of an object (always at least the full size-colour-shape one)."""
     return referring_expressions(scene, index, ("attribute",))

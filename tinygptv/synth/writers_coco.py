@@ -14,7 +14,7 @@ from typing import Any
 from tinygptv.synth.context import WorldContext
 from tinygptv.synth.dialog import conversation, knowledge, multitask, reasoning, ten_answers, with_image_tag
 from tinygptv.synth.text import caption, detail, sample_questions
-from tinygptv.synth.world import SHAPES, RefSpec, Scene, referring_expressions
+from tinygptv.synth.world import SHAPES, RefSpec, Scene, full_name, referring_expressions
 
 COCO_POOL = "coco"
 CAPTIONS_PER_IMAGE = 3
@@ -25,6 +25,10 @@ REFER_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {  # name -> (split_by,
     "refcoco+": ("unc", ("attribute",)),
     "refcocog": ("umd", ("relation", "attribute")),
 }
+# Whether every RefCOCO / RefCOCO+ ref also carries the object's full name (size, colour, shape) among its sentences
+# (drawn after the others, so the rest of the world is unchanged): the inverse tasks then answer ``[identify]`` with
+# it about as often as with the shortest expression. Off in the bundled world.
+REFER_FULL_NAME = False
 DETAIL_PROMPTS = ("Describe the following image.", "What do you see in this image?",
                   "Give a detailed description of the image.", "Explain the contents of the picture in detail.")
 CATEGORY_IDS = {shape: k + 1 for k, shape in enumerate(SHAPES)}
@@ -124,6 +128,9 @@ def _refer(ctx: WorldContext, pool: list[tuple[int, Scene]], name: str, split_by
             if kinds[0] == "relation" and specs[0].kind != "relation":
                 specs = specs[-1:]  # refcocog: the long full name when no relation is unique
             chosen = specs[:1] + rng.sample(specs[1:], min(len(specs) - 1, rng.randint(0, 2)))
+            full = full_name(scene, k)
+            if REFER_FULL_NAME and kinds[0] != "relation" and full not in chosen:
+                chosen.append(full)
             sentences = []
             for spec in chosen:
                 text = spec.text()
