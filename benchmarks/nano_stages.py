@@ -10,6 +10,9 @@ and the ``--set`` overrides are applied, then evaluates the final model with the
 Usage (from the repository root): ``python benchmarks/nano_stages.py --run runs/nano-normed --out
 runs/nano-normed-lowlr --stages stage1,stage2,stage3 --lr-scale 0.1`` or ``python benchmarks/nano_stages.py --run
 runs/nano --out runs/nano-refer3 --start stage4 --set stage4:data.mixture.refcoco.ratio=75`` → ``<out>/nano.md``.
+``--init`` starts from another checkpoint and ``--world`` trains on another world: ``--run runs/any --start stage4
+--init tinygptv/assets/nano --world runs/world-x --steps-scale 0.5`` continues the bundled model's stage 4 on a
+changed world (the run gives only its precision).
 """
 
 from __future__ import annotations
@@ -58,14 +61,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="first stage to re-run; the stages before it are the run's own")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="STAGE:KEY=VALUE",
                     help="stage config overrides, e.g. stage4:data.mixture.refcoco.ratio=75")
+    ap.add_argument("--init", help="checkpoint the first re-run stage starts from (default: the run's own one "
+                                   "before --start), e.g. tinygptv/assets/nano to continue the bundle's stage 4")
+    ap.add_argument("--world", help="world to train and evaluate on (default: the run's own)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies the re-run stages' steps")
     ap.add_argument("--eval-quantize", default="fp32", help="precisions to evaluate at, e.g. fp32,int8")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     run, out = Path(args.run), Path(args.out)
-    base, world = run / "stage0" / "base", run / "world"
-    if not (base / "config.yaml").is_file():
+    base, world = run / "stage0" / "base", Path(args.world) if args.world else run / "world"
+    if not (base / "config.yaml").is_file() and not args.init:
         raise SystemExit(f"{run}: no stage-0 base (run the nano recipe first)")
+    if not (world / "world.json").is_file():
+        raise SystemExit(f"{world}: not a generated world (no world.json)")
     amp = json.loads((run / "precision.json").read_text())["amp"]
     scaled = {s for s in args.stages.split(",") if s}
     sets = parse_sets(args.set)
@@ -73,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(run / "precision.json", out / "precision.json")
     timings: dict[str, float] = {}
     first = STAGES.index(args.start)
-    init = base if first == 0 else run / STAGES[first - 1] / "final"
+    init = Path(args.init) if args.init else base if first == 0 else run / STAGES[first - 1] / "final"
     if not (init / "config.yaml").is_file():
         raise SystemExit(f"{init}: not there (the run has not finished the stage before {args.start})")
+    started = init
     for name in STAGES[first:]:
-        cfg = stage_config(name, init, 1.0, amp)
+        cfg = stage_config(name, init, args.steps_scale, amp)
         if name in scaled and args.lr_scale != 1.0:
             cfg = cfg.with_overrides({k: getattr(cfg.optim, k.split(".")[1]) * args.lr_scale for k in LR_KEYS})
         if name in sets:
@@ -89,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         init = out / name / "final"
     summary = {"timings_s": timings, "step_times_s": timings, "final": str(init), "amp": amp,
                "lr_scale": {s: args.lr_scale for s in sorted(scaled)}, "stage0_base": str(base),
-               "start": args.start, "overrides": sets}
+               "start": args.start, "init": str(started), "world": str(world), "steps_scale": args.steps_scale,
+               "overrides": sets}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     runs = {q: evaluate(init, world, out / f"eval-{q}", quantize=None if q == "fp32" else q)
             for q in args.eval_quantize.split(",") if q}
     command = (f"python benchmarks/nano_stages.py --run {args.run} --out {args.out} --stages {args.stages} "
-               f"--lr-scale {args.lr_scale} --start {args.start}" + "".join(f" --set {x}" for x in args.set))
+               f"--lr-scale {args.lr_scale} --start {args.start}"
+               + (f" --init {args.init}" if args.init else "") + (f" --world {args.world}" if args.world else "")
+               + (f" --steps-scale {args.steps_scale}" if args.steps_scale != 1.0 else "") + "".join(f" --set {x}" for x in args.set))
     stage_losses = {**losses(run), **{k: v for k, v in losses(out).items() if v is not None}}
     print(write_report(out / "nano.md", summary, runs, stage_losses, None, command))
     return 0
