@@ -98,17 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         init = out / name / "final"
     summary = {"timings_s": timings, "step_times_s": timings, "final": str(init), "amp": amp,
-               "lr_scale": {s: args.lr_scale for s in sorted(scaled)}, "stage0_base": str(base),
+               "lr_scale": {s: args.lr_scale for s in sorted(scaled)}, "stage0_base": None if args.init else str(base),
                "start": args.start, "init": str(started), "world": str(world), "steps_scale": args.steps_scale,
                "overrides": sets}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     runs = {q: evaluate(init, world, out / f"eval-{q}", quantize=None if q == "fp32" else q)
             for q in args.eval_quantize.split(",") if q}
+    given = {"--init": args.init, "--world": args.world, "--steps-scale": args.steps_scale != 1.0 and args.steps_scale}
     command = (f"python benchmarks/nano_stages.py --run {args.run} --out {args.out} --stages {args.stages} "
                f"--lr-scale {args.lr_scale} --start {args.start}"
-               + (f" --init {args.init}" if args.init else "") + (f" --world {args.world}" if args.world else "")
-               + (f" --steps-scale {args.steps_scale}" if args.steps_scale != 1.0 else "") + "".join(f" --set {x}" for x in args.set))
-    stage_losses = {**losses(run), **{k: v for k, v in losses(out).items() if v is not None}}
+               + "".join(f" {flag} {value}" for flag, value in given.items() if value)
+               + "".join(f" --set {x}" for x in args.set))
+    # the run's own losses before --start belong to this chain only when it starts from the run's checkpoint
+    earlier = {} if args.init else losses(run)
+    stage_losses = {**earlier, **{k: v for k, v in losses(out).items() if v is not None}}
     print(write_report(out / "nano.md", summary, runs, stage_losses, None, command))
     return 0
 
