@@ -7,7 +7,7 @@ import tinygptv
 from tinygptv.checkpoint import BUNDLED
 
 
-def test_nano_recipe_end_to_end_tiny(tmp_path):
+def test_nano_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     """synth → stage 0 → stages 1-4 (every format, every stage's real readers and trainer) → evaluation."""
     from tinygptv.nano.evaluate import evaluate
     from tinygptv.nano.recipe import losses, run
@@ -22,6 +22,7 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
         assert (out / stage / "loss_curve.png").is_file()
         assert (out / stage / "metrics.jsonl").read_text().strip()
     assert all(v is not None for v in losses(out).values())
+    assert not list((out / "stage0").glob("*progress*"))  # each phase's saved progress is gone once it is done
     model = tinygptv.load(summary["final"])
     assert model.cfg.vision.image_size == 128 and model.template.name == "stage4"
     res = evaluate(model, out / "world", out / "eval", limit=2, sets="gqa,vsr,refcoco_val")
@@ -53,6 +54,15 @@ def test_nano_recipe_end_to_end_tiny(tmp_path):
     shutil.rmtree(out / "stage0" / "base")
     with pytest.raises(ValueError, match="stage-0 LM was pretrained with --stage0-norms inserted"):
         run(out, steps_scale=0.004, world_scale=0.03, eval_size=4, new_norms=True)
+    # and so are the recipe's settings: a knob patched for an experiment, or another step scale
+    import tinygptv.nano.recipe as recipe
+
+    monkeypatch.setattr(recipe, "IDENTIFY_ANSWER", "full")
+    with pytest.raises(ValueError, match="IDENTIFY_ANSWER: 'shortest' when it began, 'full' now"):
+        run(out, steps_scale=0.004, world_scale=0.03, eval_size=4)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="steps_scale: 0.004 when it began, 0.005 now"):
+        run(out, steps_scale=0.005, world_scale=0.03, eval_size=4)
 
 
 @pytest.mark.skipif(not (BUNDLED["nano"] / "config.yaml").is_file(), reason="bundled nano model not built")
@@ -466,3 +476,83 @@ def test_stage0_vision_loop_goes_through_the_lm_every_nth_step(tmp_path, monkeyp
                         caption_every=0)
     # steps 1 and 2 trained without the LM's losses: the tower comes out different
     assert any(not torch.equal(vision[1][k], vision[3][k]) for k in vision[1])
+
+
+def test_stage0_loops_resume_exactly_after_an_interruption(tmp_path, monkeypatch):
+    """Each stage-0 loop saves its progress (``every_s=0``: after every step); killed mid-step and started again
+    with the same arguments, it continues from the last saved step and returns the weights of a run that was
+    never interrupted. The vision phase is interrupted once in its ViT warm-up and once in its joint loop.
+    One thread: with two, two uninterrupted runs of the vision loop already differ in the last bits on CPU."""
+    import tinygptv.nano.stage0 as s0
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _resume_checks(tmp_path, monkeypatch, s0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_checks(tmp_path, monkeypatch, s0):
+    from tinygptv.nano.recipe import SIZES, nano_config, scene_objects, scene_pairs
+
+    lines = ["a small red cross on the left<|endoftext|>", "a large blue star at the top<|endoftext|>"] * 40
+    tok = s0.train_tokenizer(lines, 300, tmp_path / "tok")
+    cfg = nano_config(tok.vocab_size)
+
+    def interrupted(fn, patch_name, owner, raise_at, **kwargs):
+        """``fn(**kwargs)`` run until it completes, raising KeyboardInterrupt at the given calls of
+        ``owner.patch_name`` (counted over all tries); returns its result and the number of tries."""
+        calls, tries = [0], 0
+        original = getattr(owner, patch_name) if owner is not None else kwargs["pairs"]
+
+        def counted(*a, **k):
+            calls[0] += 1
+            if calls[0] in raise_at:
+                raise KeyboardInterrupt
+            return original(*a, **k)
+
+        if owner is not None:
+            monkeypatch.setattr(owner, patch_name, counted)
+        else:
+            counted.classes = original.classes
+            kwargs["pairs"] = counted
+        path = tmp_path / f"{patch_name}.progress.pt"
+        while True:
+            tries += 1
+            try:
+                out = fn(progress=s0.Progress(path, every_s=0), **kwargs)
+                break
+            except KeyboardInterrupt:
+                assert path.is_file()
+        if owner is not None:
+            monkeypatch.setattr(owner, patch_name, original)
+        return out, tries
+
+    def same(a, b):
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    lm_args = dict(cfg=cfg, tok=tok, lines=lines, steps=4, batch=2, seq_len=16, amp="none")
+    lm = s0.pretrain_lm(**lm_args)
+    resumed, tries = interrupted(s0.pretrain_lm, "sample_windows", s0, {3}, **lm_args)
+    assert tries == 2 and same(lm, resumed)
+
+    obj_args = dict(cfg=cfg, tok=tok, lm_state=lm, lines=lines, scenes=scene_objects(0, grounding=(2, 0.0)), steps=3,
+                    batch=2, text_batch=1, boxes=True, amp="none")
+    grounded = s0.pretrain_lm_objects(**obj_args)
+    resumed, tries = interrupted(s0.pretrain_lm_objects, "object_slots", s0, {5}, **obj_args)
+    assert tries == 2 and same(grounded, resumed)
+
+    vis_args = dict(cfg=cfg, tok=tok, lm_state=lm, pairs=scene_pairs(0, 64), steps=3, sizes=SIZES, batch=2,
+                    vit_steps=3, amp="none")
+    reference = s0.pretrain_vision(**vis_args)
+    # calls of pairs: warm-up steps 0-2 are calls 1-3, the joint loop's steps 0-2 calls 4-6; raising at call 2 (warm-up
+    # step 1) and at call 6 (the second try redoes warm-up steps 1 and 2, then joint step 0 is call 5, step 1 call 6)
+    resumed, tries = interrupted(s0.pretrain_vision, "pairs", None, {2, 6}, **vis_args)
+    assert tries == 3 and all(same(a, b) for a, b in zip(reference, resumed))
+
+    # a saved state of another length is refused with the file's name, not silently mixed in
+    progress = s0.Progress(tmp_path / "lm.progress.pt", every_s=0)
+    progress.save("lm", 2, 4, {}, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), {})
+    with pytest.raises(ValueError, match=r"lm\.progress\.pt.*4 steps.*of 6"):
+        s0.pretrain_lm(**{**lm_args, "steps": 6}, progress=s0.Progress(tmp_path / "lm.progress.pt"))

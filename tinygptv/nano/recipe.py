@@ -6,7 +6,10 @@ learning rates ×30 (a 3 M-parameter LM tolerates and needs larger steps; measur
 3e-3 halves the loss of 1e-3 after 200 steps), image sizes 64 → 128 px instead of 224 → 448 (the same doubling),
 and ``run.amp: auto`` (bf16 autocast only on CPUs with fast bf16 — AMX or AVX-512-BF16 — fp32 elsewhere, where
 emulated bf16 would make the recipe several times slower). Every step is skipped when its output already
-exists, so an interrupted recipe continues where it stopped.
+exists, and the stage-0 phases save their progress every few minutes (:class:`tinygptv.nano.stage0.Progress`), so
+an interrupted recipe continues where it stopped. The recipe's settings (the upper-case constants below, which
+experiments patch, and the run's seed and step scale) are recorded in ``recipe.json`` under the output folder; a
+continuation with other settings is refused, so one model is never trained half under each.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -377,13 +381,15 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
             log.warning("%s holds earlier work without a recorded precision; the rest is trained with amp=%s",
                         out, amp)
         precision_file.write_text(json.dumps({"amp": amp}))
+    check_settings(out, settings(seed, steps_scale, world_scale))
     norms = "pretrained" if new_norms else "inserted"  # the --stage0-norms choice, as recorded
     timings: dict[str, float] = {}  # this call
     times_file = out / "timings.json"  # every step's time when it ran (a continued recipe keeps the first ones)
     recorded: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
 
-    def ran(name: str, t0: float, did: bool) -> None:
-        timings[name] = time.perf_counter() - t0
+    def ran(name: str, t0: float, did: bool, before: float = 0.0) -> None:
+        """``before``: seconds of this step's work that earlier, interrupted processes saved (:class:`Progress`)."""
+        timings[name] = time.perf_counter() - t0 + before
         if did:
             recorded[name] = round(timings[name], 1)
             times_file.write_text(json.dumps(recorded, indent=2))
@@ -413,12 +419,13 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
         for name, phase in (("lm", "stage0_lm"), ("lm-objects", "stage0_lm_objects"),
                             ("lm-grounding", "stage0_lm_grounding")):
             done = files[name].is_file()
+            progress = stage0.Progress(out / "stage0" / f"{name}.progress.pt")
             if done:
                 lm_state = None  # the last saved one is loaded below
             elif name == "lm":
                 docs = scene_documents(seed, max(50, round(LM_DOCUMENTS * steps_scale)))
                 lm_state = stage0.pretrain_lm(cfg, tok, lines + docs, steps=max(2, round(LM_STEPS * steps_scale)),
-                                              seed=seed, amp=amp, new_norms=new_norms)
+                                              seed=seed, amp=amp, new_norms=new_norms, progress=progress)
             else:
                 if lm_state is None:
                     lm_state = load_file(str(previous))
@@ -428,24 +435,27 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
                     steps=max(2, round((GROUNDING_STEPS if grounded else OBJECT_STEPS) * steps_scale)),
                     lr=GROUNDING_LR if grounded else 2e-3, key_last=0.0 if grounded else 0.4,
                     describe=0.1 if grounded else 0.25, boxes=grounded, n_slots=None if grounded else ATTRIBUTE_SLOTS,
-                    seed=seed, amp=amp, new_norms=new_norms)
+                    seed=seed, amp=amp, new_norms=new_norms, progress=progress)
             if not done:
                 save_file(lm_state, str(files[name]))
+            progress.clear()
             previous = files[name]
-            ran(phase, t, not done)
+            ran(phase, t, not done, progress.seconds_before)
             t = time.perf_counter()
         if lm_state is None:
             lm_state = load_file(str(previous))
         t = time.perf_counter()
+        progress = stage0.Progress(out / "stage0" / "vision.progress.pt")
         vis, qf, proj = stage0.pretrain_vision(cfg, tok, lm_state, scene_pairs(seed, 128), sizes=SIZES,
                                          steps=max(2, round(VISION_STEPS * steps_scale)), seed=seed,
                                          vit_steps=max(2, round(VIT_STEPS * steps_scale)), amp=amp,
                                          new_norms=new_norms, lm_every=VISION_LM_EVERY,
-                                         caption_every=VISION_CAPTION_EVERY)
+                                         caption_every=VISION_CAPTION_EVERY, progress=progress)
         # the base keeps the projection the tower was trained through; with a fresh one (the official start) the
         # same recipe ended at referring boxes 8.2 %, count 60 % (runs/nano-phased16) against 16.3 / 75 %
         stage0.assemble_base(cfg, tok, lm_state, vis, qf, base, seed, proj)
-        ran("stage0_vision", t, True)
+        progress.clear()
+        ran("stage0_vision", t, True, progress.seconds_before)
     else:
         for name in ("stage0_lm", "stage0_lm_objects", "stage0_lm_grounding", "stage0_vision"):
             ran(name, t, False)
@@ -462,6 +472,40 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
                "final": str(init), "amp": amp, "stage0_norms": norms}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+STAGE0_KNOBS = ("OBJECT_SLOTS_EMPTY", "CORNER_FREQUENCIES", "CORNER_TIE", "BOX_WEIGHT", "AUX_GRID")
+
+
+def settings(seed: int = 0, steps_scale: float = 1.0, world_scale: float = 1.0) -> dict:
+    """What a recipe run is made with: every upper-case constant of this module that is plain data (the recipe's
+    knobs, e.g. :data:`IDENTIFY_ANSWER`), those of :mod:`tinygptv.nano.stage0` in :data:`STAGE0_KNOBS`, the world's :data:`tinygptv.synth.writers_coco.REFER_FULL_NAME`, and the
+    run's arguments; JSON-normalised (tuples as lists)."""
+    from tinygptv.synth import writers_coco
+
+    knobs = {k: v for k, v in vars(sys.modules[__name__]).items()
+             if k.isupper() and k not in ("RECIPE_DIR", "STAGE0_NEW_NORMS", "IDENTIFY_ANSWERS", "STAGE0_KNOBS")}
+    knobs.update({f"stage0.{k}": getattr(stage0, k) for k in STAGE0_KNOBS})
+    knobs["REFER_FULL_NAME"] = writers_coco.REFER_FULL_NAME
+    knobs.update(seed=seed, steps_scale=steps_scale, world_scale=world_scale)
+    return json.loads(json.dumps(knobs, sort_keys=True))
+
+
+def check_settings(out: Path, now: dict) -> None:
+    """Record ``now`` (:func:`settings`) in ``out/recipe.json``, or refuse to continue a run made with others."""
+    path = out / "recipe.json"
+    if not path.is_file():
+        if (out / "timings.json").is_file():
+            log.warning("%s holds earlier work without recorded recipe settings; recording the current ones", out)
+        path.write_text(json.dumps(now, indent=1, sort_keys=True))
+        return
+    before = json.loads(path.read_text())
+    diff = sorted(set(before) | set(now), key=str)
+    diff = [k for k in diff if before.get(k) != now.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {before.get(k)!r} when it began, {now.get(k)!r} now" for k in diff)
+        raise ValueError(f"{out} was begun with other recipe settings ({shown}); continue it with the settings of "
+                         f"{path} or start a new --output")
 
 
 def stage0_norms(out: str | Path) -> str | None:
@@ -493,4 +537,4 @@ def bundle(final: str | Path, dest: str | Path) -> Path:
     return tinygptv.save(model, dest)
 
 
-__all__ = ["bundle", "losses", "nano_config", "run", "stage0_norms", "stage_config"]
+__all__ = ["bundle", "check_settings", "losses", "nano_config", "run", "settings", "stage0_norms", "stage_config"]

@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +62,7 @@ from tinygptv.model.sequence import Example, build_batch, causal_lm_loss
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.templates import get_template
 from tinygptv.tokenizer import EOS_TOKEN, Tokenizer
+from tinygptv.train.loop import rng_state, set_rng_state
 from tinygptv.weights.common import ImportReport, assign_tensors
 from tinygptv.weights.official import init_missing
 from tinygptv.weights.phi import PHI_ABSENT_OK
@@ -91,21 +94,102 @@ def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+class Progress:
+    """Where a stage-0 phase keeps its progress, so that an interrupted recipe resumes it at the step it had
+    reached instead of from its start (a phase is up to an hour on a CPU).
+
+    Every ``every_s`` seconds a loop writes the state of its trainable modules, its optimizer, its random streams
+    (its own ``random.Random`` / ``torch.Generator`` objects and the global ones) and its step to ``path``, written
+    to a temporary file and renamed, so an interruption leaves the previous state whole. A loop that finds a state
+    of its own name there continues from it exactly: the weights it returns are those of an uninterrupted run
+    (``tests/test_nano.py``; with one thread: with two, the vision loop is not bit-reproducible on CPU even
+    uninterrupted). The file is read with ``torch.load(weights_only=True)``. One phase may run
+    several loops (the ViT warm-up, then the joint vision loop): :attr:`loop` names the one saved last.
+    :meth:`seconds` is the phase's time so far, the earlier processes' saved work included; :meth:`clear`
+    removes the file once the phase's result is saved.
+    """
+
+    def __init__(self, path: str | Path, every_s: float = 300.0):
+        self.path, self.every_s = Path(path), every_s
+        self.state = torch.load(self.path, map_location="cpu", weights_only=True) if self.path.is_file() else None
+        self.seconds_before = float(self.state["seconds"]) if self.state else 0.0
+        self.t0 = time.perf_counter()
+
+    @property
+    def loop(self) -> str | None:
+        return self.state["loop"] if self.state else None
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
+
+    def resume(self, loop: str, steps: int, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+               rngs: dict[str, random.Random | torch.Generator]) -> int:
+        """The step to start ``loop`` at (0 without a saved state of it), with everything restored."""
+        if self.loop != loop:
+            return 0
+        st = self.state
+        if st["steps"] != steps:
+            raise ValueError(f"{self.path}: saved by a {loop!r} loop of {st['steps']} steps, asked to continue one "
+                             f"of {steps}; delete the file to start the phase again")
+        for name, module in modules.items():
+            module.load_state_dict(st["modules"][name])
+        opt.load_state_dict(st["optimizer"])
+        for name, r in rngs.items():
+            if isinstance(r, torch.Generator):
+                r.set_state(st["rngs"][name])
+            else:
+                r.setstate((st["rngs"][name][0], tuple(st["rngs"][name][1]), st["rngs"][name][2]))
+        set_rng_state(st["global_rng"])
+        log.info("%s: resuming %s at step %d of %d", self.path, loop, st["step"], steps)
+        return int(st["step"])
+
+    def save(self, loop: str, step: int, steps: int, modules: dict[str, torch.nn.Module],
+             opt: torch.optim.Optimizer, rngs: dict[str, random.Random | torch.Generator]) -> None:
+        """Record that ``loop`` has done its steps before ``step``."""
+        self.state = {
+            "loop": loop, "step": step, "steps": steps, "seconds": self.seconds(),
+            "modules": {name: m.state_dict() for name, m in modules.items()}, "optimizer": opt.state_dict(),
+            "rngs": {name: r.get_state() if isinstance(r, torch.Generator) else list(r.getstate())
+                     for name, r in rngs.items()},
+            "global_rng": rng_state()}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save(self.state, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class _Steps:
     """The optimisation of every stage-0 loop: AdamW, a cosine schedule after a 5 % linear warm-up, gradients
-    clipped at 1.0, and a progress bar showing the given values every 50 steps. Iterate for the step numbers."""
+    clipped at 1.0, and a progress bar showing the given values every 50 steps. Iterate for the step numbers.
 
-    def __init__(self, params, steps: int, lr: float, weight_decay: float, desc: str):
+    With ``progress`` the loop is saved under the name ``loop`` every ``progress.every_s`` seconds (``modules``:
+    what it trains; ``rngs``: the random streams its steps draw from) and continues from a saved state of that
+    name."""
+
+    def __init__(self, params, steps: int, lr: float, weight_decay: float, desc: str,
+                 progress: Progress | None = None, loop: str = "", modules: dict[str, torch.nn.Module] | None = None,
+                 rngs: dict[str, random.Random | torch.Generator] | None = None):
         self.params = list(params)
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
         self.steps, self.lr = steps, lr
-        self.bar = tqdm(range(steps), desc=desc, mininterval=2.0)
+        self.progress, self.saved = progress, (loop, modules or {}, rngs or {})
+        self.start = progress.resume(loop, steps, self.saved[1], self.opt, self.saved[2]) if progress else 0
+        self.bar = tqdm(total=steps, initial=self.start, desc=desc, mininterval=2.0)
 
     def __iter__(self):
-        for step in self.bar:
+        last = time.perf_counter()
+        for step in range(self.start, self.steps):
             for group in self.opt.param_groups:
                 group["lr"] = _cosine(step, self.steps, self.lr, max(1, self.steps // 20))
             yield step
+            self.bar.update(1)
+            if self.progress and step + 1 < self.steps and time.perf_counter() - last >= self.progress.every_s:
+                loop, modules, rngs = self.saved
+                self.progress.save(loop, step + 1, self.steps, modules, self.opt, rngs)
+                last = time.perf_counter()
+        self.bar.close()
 
     def update(self, objective: torch.Tensor, step: int, **shown) -> None:
         objective.backward()
@@ -136,9 +220,9 @@ def stage0_lm(cfg: ModelConfig, new_norms: bool = False) -> PhiLM:
 
 def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, batch: int = 32,
                 seq_len: int = 128, lr: float = 2e-3, seed: int = 0, amp: str = "auto",
-                new_norms: bool = False) -> dict[str, torch.Tensor]:
+                new_norms: bool = False, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Causal-LM pretraining of the Phi decoder on ``lines`` (with TinyGPT-V's new norms if ``new_norms``, see
-    :func:`stage0_lm`); returns its state dict.
+    :func:`stage0_lm`); returns its state dict. ``progress``: save and resume the loop there (:class:`Progress`).
 
     The lines are concatenated (each ends with ``<|endoftext|>``) and every training window starts at the start of
     a line, so a scene document is seen whole, description before its questions (windows at random offsets cut
@@ -149,8 +233,8 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
     lm = stage0_lm(cfg, new_norms)
     _init_(lm, seed)
     data, starts = line_windows(tok, lines, seq_len)
-    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM")
     g = torch.Generator().manual_seed(seed)
+    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM", progress, "lm", {"lm": lm}, {"g": g})
     lm.train()
     autocast = _autocast(amp)
     for step in opt:
@@ -159,7 +243,8 @@ def pretrain_lm(cfg: ModelConfig, tok: Tokenizer, lines: list[str], steps: int, 
             logits = lm(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.update(loss, step, loss=loss)
-    log.info("stage0 LM: final loss %.3f", loss.item())
+        if step == steps - 1:
+            log.info("stage0 LM: final loss %.3f", loss.item())
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
 
@@ -300,7 +385,7 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
                         scenes: ObjectFn, steps: int, batch: int = 24, text_batch: int = 8, lr: float = 2e-3,
                         key_last: float = 0.4, chat: float = 0.5, describe: float = 0.25, boxes: bool = False,
                         n_slots: int | None = None, seed: int = 0, amp: str = "auto",
-                        new_norms: bool = False) -> dict[str, torch.Tensor]:
+                        new_norms: bool = False, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Continue the stage-0 LM on object tokens (:func:`object_slots`), as it will read them from the vision
     tower: questions about them (:func:`qa_example`), or for ``describe`` of the scenes their description right
     after them (the layout of stage 1, whose captions are all the projection learns from), plus ``text_batch``
@@ -313,7 +398,7 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
     get the :class:`CornerCode` of their value before training, so that ``[refer]`` / ``[identify]`` questions
     about the object tokens can be answered (the recipe's grounding phase, after a phase without). Returns the new
     state dict. ``n_slots``: object-token slots (default: the Q-Former's query count). ``new_norms``: as the
-    LM was pretrained (:func:`stage0_lm`).
+    LM was pretrained (:func:`stage0_lm`). ``progress``: save and resume the loop there (:class:`Progress`).
     """
     torch.manual_seed(seed)
     lm = stage0_lm(cfg, new_norms)
@@ -323,9 +408,10 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
         code.code_numbers_(lm, tok)
     seq_len = 128
     data, starts = line_windows(tok, lines, seq_len)
-    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM " + ("grounding" if boxes else "objects"))
     rng = random.Random(f"objects-{seed}" + ("-boxes" if boxes else ""))
     g = torch.Generator().manual_seed(seed)
+    opt = _Steps(lm.parameters(), steps, lr, 0.01, "stage0 LM " + ("grounding" if boxes else "objects"), progress,
+                 "lm-objects", {"lm": lm}, {"rng": rng, "g": g})
     n_slots = n_slots or cfg.qformer.num_queries
     lm.train()
     autocast = _autocast(amp)
@@ -344,7 +430,8 @@ def pretrain_lm_objects(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, to
             logits = lm(x[:, :-1])
         text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.update(objects + text, step, objects=objects, text=text)
-    log.info("stage0 LM on object tokens: final loss %.3f (text %.3f)", objects.item(), text.item())
+        if step == steps - 1:
+            log.info("stage0 LM on object tokens: final loss %.3f (text %.3f)", objects.item(), text.item())
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
 
@@ -457,8 +544,8 @@ class AuxHeads(torch.nn.Module):
 def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.Tensor], pairs: PairFn,
                     steps: int, sizes: tuple[int, ...], batch: int = 16, lr: float = 1e-3,
                     seed: int = 0, vit_steps: int = 0, amp: str = "auto",
-                    new_norms: bool = False, lm_every: int = 1,
-                    caption_every: int = 1) -> tuple[dict, dict, dict]:
+                    new_norms: bool = False, lm_every: int = 1, caption_every: int = 1,
+                    progress: Progress | None = None) -> tuple[dict, dict, dict]:
     """Train ViT + Q-Former (+ a projection) through the frozen stage-0 LM (``new_norms``: as it was pretrained,
     :func:`stage0_lm`) on (image, text) pairs.
 
@@ -467,7 +554,9 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     questions, two LM forwards and backwards, most of a step's time) on every ``lm_every``-th step only; the other
     steps train on the auxiliary heads, the object-token match and the query boxes. ``caption_every``: among the
     steps through the LM, the caption loss (one of the two LM forwards) on every ``caption_every``-th only, the
-    question loss on all of them. Returns the ViT+``ln_vision``, Q-Former and projection state dicts.
+    question loss on all of them. ``progress``: save and resume the warm-up and the loop there (:class:`Progress`;
+    a saved loop state skips the warm-up, which it includes). Returns the ViT+``ln_vision``, Q-Former and
+    projection state dicts.
     """
     for name, every in (("lm_every", lm_every), ("caption_every", caption_every)):
         if every < 1:
@@ -482,10 +571,12 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
     model.set_trainable(lora=False, norms=False, projector=True, qformer=True, vision=True)
     heads = AuxHeads(cfg.vision.width, cfg.qformer.hidden, cfg.qformer.num_queries, pairs.classes, AUX_GRID)
     rng = random.Random(seed)
-    if vit_steps:
-        warm_up_vit(model.vision, heads, pairs, rng, vit_steps, min(sizes), batch, lr, cfg.vision.patch_size, amp)
+    if vit_steps and (progress is None or progress.loop != "vision"):
+        warm_up_vit(model.vision, heads, pairs, rng, vit_steps, min(sizes), batch, lr, cfg.vision.patch_size, amp,
+                    progress)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
-    opt = _Steps(params, steps, lr, 0.05, "stage0 vision")
+    trained = {"vision": model.vision, "qformer": model.qformer, "projector": model.projector, "heads": heads}
+    opt = _Steps(params, steps, lr, 0.05, "stage0 vision", progress, "vision", trained, {"rng": rng})
     model.train()
     model.lm.eval()
     autocast = _autocast(amp)
@@ -529,7 +620,7 @@ def pretrain_vision(cfg: ModelConfig, tok: Tokenizer, lm_state: dict[str, torch.
                 loss = loss + qa
                 shown["qa"] = qa.detach()
         opt.update(loss, step, total=loss, size=size, **shown)
-    log.info("stage0 vision: final caption loss %.3f, total %.3f", shown["caption"].item(), loss.item())
+    log.info("stage0 vision: final losses %s", {k: round(v.item(), 3) for k, v in shown.items()})
     return ({k: v.detach().clone() for k, v in model.vision.state_dict().items()},
             {k: v.detach().clone() for k, v in model.qformer.state_dict().items()},
             {k: v.detach().clone() for k, v in model.projector.state_dict().items()})
@@ -562,15 +653,17 @@ def object_match_loss(emb: torch.Tensor, objects: list[torch.Tensor],
 
 
 def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: random.Random, steps: int,
-                size: int, batch: int, lr: float, patch_size: int, amp: str = "auto") -> None:
+                size: int, batch: int, lr: float, patch_size: int, amp: str = "auto",
+                progress: Progress | None = None) -> None:
     """The ViT alone on the per-patch targets, before the Q-Former and the LM join.
 
     A from-scratch ViT learns shapes slowly (a nano ViT trained only on per-patch shape labels, batch 16: chance
     after 300 steps, 54 % after 1000), and in the joint stage-0 loop, whose steps cost ~5x more (Q-Former, LM), it
     never did (single-object shape read linearly from the trained tower: 28 %, chance 17 %). This phase buys
-    those steps cheaply, at the smaller training resolution.
+    those steps cheaply, at the smaller training resolution. ``progress``: save and resume there (:class:`Progress`).
     """
-    opt = _Steps(list(vision.parameters()) + list(heads.patch.parameters()), steps, lr, 0.05, "stage0 ViT")
+    opt = _Steps(list(vision.parameters()) + list(heads.patch.parameters()), steps, lr, 0.05, "stage0 ViT", progress,
+                 "vit", {"vision": vision, "heads": heads}, {"rng": rng})
     vision.train()
     autocast = _autocast(amp)
     for step in opt:
@@ -580,7 +673,8 @@ def warm_up_vit(vision: torch.nn.Module, heads: AuxHeads, pairs: PairFn, rng: ra
             feats = vision(px, interpolate_pos=True)
         loss = heads.patch_loss(feats, [t for _, _, t in items])
         opt.update(loss, step, patch=loss)
-    log.info("stage0 ViT warm-up: final patch loss %.3f", loss.item())
+        if step == steps - 1:
+            log.info("stage0 ViT warm-up: final patch loss %.3f", loss.item())
 
 
 AUX_GRID = 4  # the Q-Former head predicts colours and shapes on a 4x4 grid
