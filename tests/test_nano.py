@@ -45,6 +45,10 @@ def test_nano_recipe_end_to_end_tiny(tmp_path, monkeypatch):
 
     text = write_report(out / "nano.md", third, {"fp32": res}, losses(out), None, "test")
     assert f"Machine: {cpu_name()}" in text and f"training precision: {'fp32' if amp == 'none' else 'bf16'}" in text
+    assert third["changed_settings"] == {} and "settings changed" not in text
+    text = write_report(out / "nano.md", {**third, "changed_settings": {"IDENTIFY_ANSWER": "full"}}, {"fp32": res},
+                        losses(out), None, "test")
+    assert "Produced by `test` with recipe settings changed from the committed ones: `IDENTIFY_ANSWER = 'full'`." in text
     # the precision is fixed for the whole output: continuing at another one is refused before any work
     other = "bf16" if amp == "none" else "none"
     with pytest.raises(ValueError, match=f"was trained with amp='{amp}'.*--amp {amp}"):

@@ -468,8 +468,10 @@ def run(out: str | Path, seed: int = 0, steps_scale: float = 1.0, world_scale: f
             train(stage_config(name, init, steps_scale, amp), world, out / name, resume=True)
         ran(name, t, todo)
         init = final
+    now = settings(seed, steps_scale, world_scale)
+    changed = {k: v for k, v in now.items() if k in _COMMITTED and v != _COMMITTED[k]}
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "step_times_s": recorded,
-               "final": str(init), "amp": amp, "stage0_norms": norms}
+               "final": str(init), "amp": amp, "stage0_norms": norms, "changed_settings": changed}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -484,7 +486,7 @@ def settings(seed: int = 0, steps_scale: float = 1.0, world_scale: float = 1.0) 
     from tinygptv.synth import writers_coco
 
     knobs = {k: v for k, v in vars(sys.modules[__name__]).items()
-             if k.isupper() and k not in ("RECIPE_DIR", "STAGE0_NEW_NORMS", "IDENTIFY_ANSWERS", "STAGE0_KNOBS")}
+             if k.isupper() and not k.startswith("_") and k not in ("RECIPE_DIR", "STAGE0_NEW_NORMS", "IDENTIFY_ANSWERS", "STAGE0_KNOBS")}
     knobs.update({f"stage0.{k}": getattr(stage0, k) for k in STAGE0_KNOBS})
     knobs["REFER_FULL_NAME"] = writers_coco.REFER_FULL_NAME
     knobs.update(seed=seed, steps_scale=steps_scale, world_scale=world_scale)
@@ -536,5 +538,8 @@ def bundle(final: str | Path, dest: str | Path) -> Path:
     model = tinygptv.load(final)
     return tinygptv.save(model, dest)
 
+
+# the settings as this file sets them (before an experiment patches any); a run's summary names the ones it changed
+_COMMITTED = {k: v for k, v in settings().items() if k not in ("seed", "steps_scale", "world_scale")}
 
 __all__ = ["bundle", "check_settings", "losses", "nano_config", "run", "settings", "stage0_norms", "stage_config"]

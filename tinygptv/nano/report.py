@@ -46,7 +46,9 @@ def write_report(path: Path, recipe: dict[str, Any], runs: dict[str, dict[str, A
                  ("bf16 autocast" if fast_bf16(torch.device("cpu")) else "fp32") + " (not recorded: `auto` here)")
     lines = ["# Nano TinyGPT-V: the whole method on a CPU", "",
              (f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch "
-              f"{torch.__version__}; training precision: {precision}. Produced by `{command}`."), "",
+              f"{torch.__version__}; training precision: {precision}. Produced by `{command}`"
+              + ("" if not recipe.get("changed_settings") else " with recipe settings changed from the committed ones: "
+                 + ", ".join(f"`{k} = {v!r}`" for k, v in recipe["changed_settings"].items())) + "."), "",
              "## Time per step of the recipe (seconds)", "", "| " + " | ".join(times) + " | total |",
              "|" + "---|" * (len(times) + 1),
              "| " + " | ".join(f"{v:.0f}" for v in times.values()) + f" | {sum(times.values()):.0f} |", "",
