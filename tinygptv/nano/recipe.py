@@ -481,12 +481,14 @@ STAGE0_KNOBS = ("OBJECT_SLOTS_EMPTY", "CORNER_FREQUENCIES", "CORNER_TIE", "BOX_W
 
 def settings(seed: int = 0, steps_scale: float = 1.0, world_scale: float = 1.0) -> dict:
     """What a recipe run is made with: every upper-case constant of this module that is plain data (the recipe's
-    knobs, e.g. :data:`IDENTIFY_ANSWER`), those of :mod:`tinygptv.nano.stage0` in :data:`STAGE0_KNOBS`, the world's :data:`tinygptv.synth.writers_coco.REFER_FULL_NAME`, and the
-    run's arguments; JSON-normalised (tuples as lists)."""
+    knobs, e.g. :data:`IDENTIFY_ANSWER`), those of :mod:`tinygptv.nano.stage0` named in :data:`STAGE0_KNOBS`, the
+    world's :data:`tinygptv.synth.writers_coco.REFER_FULL_NAME`, and the run's arguments; JSON-normalised (tuples
+    as lists)."""
     from tinygptv.synth import writers_coco
 
+    skip = ("RECIPE_DIR", "STAGE0_NEW_NORMS", "IDENTIFY_ANSWERS", "STAGE0_KNOBS")  # paths, run() arguments, lists
     knobs = {k: v for k, v in vars(sys.modules[__name__]).items()
-             if k.isupper() and not k.startswith("_") and k not in ("RECIPE_DIR", "STAGE0_NEW_NORMS", "IDENTIFY_ANSWERS", "STAGE0_KNOBS")}
+             if k.isupper() and not k.startswith("_") and k not in skip}
     knobs.update({f"stage0.{k}": getattr(stage0, k) for k in STAGE0_KNOBS})
     knobs["REFER_FULL_NAME"] = writers_coco.REFER_FULL_NAME
     knobs.update(seed=seed, steps_scale=steps_scale, world_scale=world_scale)
@@ -502,8 +504,7 @@ def check_settings(out: Path, now: dict) -> None:
         path.write_text(json.dumps(now, indent=1, sort_keys=True))
         return
     before = json.loads(path.read_text())
-    diff = sorted(set(before) | set(now), key=str)
-    diff = [k for k in diff if before.get(k) != now.get(k)]
+    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {before.get(k)!r} when it began, {now.get(k)!r} now" for k in diff)
         raise ValueError(f"{out} was begun with other recipe settings ({shown}); continue it with the settings of "
