@@ -48,7 +48,8 @@ def test_nano_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert third["changed_settings"] == {} and "settings changed" not in text
     text = write_report(out / "nano.md", {**third, "changed_settings": {"IDENTIFY_ANSWER": "full"}}, {"fp32": res},
                         losses(out), None, "test")
-    assert "Produced by `test` with recipe settings changed from the committed ones: `IDENTIFY_ANSWER = 'full'`." in text
+    assert ("Produced by `test` with recipe settings changed from the committed ones: "
+            "`IDENTIFY_ANSWER = 'full'`.") in text
     # the precision is fixed for the whole output: continuing at another one is refused before any work
     other = "bf16" if amp == "none" else "none"
     with pytest.raises(ValueError, match=f"was trained with amp='{amp}'.*--amp {amp}"):
