@@ -138,7 +138,7 @@ class Progress:
             if isinstance(r, torch.Generator):
                 r.set_state(st["rngs"][name])
             else:
-                r.setstate((st["rngs"][name][0], tuple(st["rngs"][name][1]), st["rngs"][name][2]))
+                r.setstate(tuple(st["rngs"][name]))
         set_rng_state(st["global_rng"])
         log.info("%s: resuming %s at step %d of %d", self.path, loop, st["step"], steps)
         return int(st["step"])
@@ -174,8 +174,8 @@ class _Steps:
         self.params = list(params)
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
         self.steps, self.lr = steps, lr
-        self.progress, self.saved = progress, (loop, modules or {}, rngs or {})
-        self.start = progress.resume(loop, steps, self.saved[1], self.opt, self.saved[2]) if progress else 0
+        self.progress, self.loop, self.modules, self.rngs = progress, loop, modules or {}, rngs or {}
+        self.start = progress.resume(loop, steps, self.modules, self.opt, self.rngs) if progress else 0
         self.bar = tqdm(total=steps, initial=self.start, desc=desc, mininterval=2.0)
 
     def __iter__(self):
@@ -186,8 +186,7 @@ class _Steps:
             yield step
             self.bar.update(1)
             if self.progress and step + 1 < self.steps and time.perf_counter() - last >= self.progress.every_s:
-                loop, modules, rngs = self.saved
-                self.progress.save(loop, step + 1, self.steps, modules, self.opt, rngs)
+                self.progress.save(self.loop, step + 1, self.steps, self.modules, self.opt, self.rngs)
                 last = time.perf_counter()
         self.bar.close()
 
